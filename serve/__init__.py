@@ -1,0 +1,1 @@
+"""A PyTorch image-classification server: checkpoint + config in, HTTP predictions out."""

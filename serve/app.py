@@ -1,0 +1,32 @@
+"""The WSGI factory: config -> loaded models -> Flask app with routes and JSON errors."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from serve.config import ServeConfig, build_config, load_config
+from serve.errors import register_error_handlers
+from serve.registry import Registry
+from serve.routes import bp
+
+
+def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
+    """Build the app; with no argument the config comes from SERVE_CONFIG or models/models.yaml.
+
+    Raises:
+        ConfigError, DeviceError, CheckpointError: the server must not start.
+    """
+    if config is None:
+        config = load_config()
+    elif not isinstance(config, ServeConfig):
+        config = build_config(config)
+    registry = Registry.load(config)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.server.max_upload_bytes
+    app.json.sort_keys = False
+    app.extensions["serve"] = registry
+    app.register_blueprint(bp)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,228 @@
+"""ServeConfig and ModelSpec: built once from the YAML file and SERVE_* overrides; the only reader of the environment."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
+PACKAGE_SCHEME = "package://"
+TORCHVISION_LABELS_SCHEME = "torchvision:"
+DEVICE_PATTERN = r"^(cpu|cuda|cuda:\d+|auto)$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PreprocessSpec(_Frozen):
+    """How an uploaded image becomes the model's input tensor."""
+
+    resize: int = Field(256, gt=0, description="shorter side after resizing, in pixels")
+    crop: int = Field(224, gt=0, description="side of the centre crop, in pixels")
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mode: Literal["RGB", "L"] = "RGB"
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "RGB" else 1
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessSpec:
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        for field in ("mean", "std"):
+            if len(getattr(self, field)) != self.channels:
+                raise ValueError(f"{field} needs {self.channels} values for mode {self.mode}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ModelSpec(_Frozen):
+    """One model to serve: how to build it, where its weights are and how to feed it."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    architecture: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path
+    state_dict_key: str | None = None
+    strict: bool = True
+    trust_pickle: bool = False
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    labels: tuple[str, ...] | Path | str | None = None
+    topk: int = Field(5, gt=0)
+    preprocess: PreprocessSpec = PreprocessSpec()
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.architecture is None and not self.trust_pickle:
+            raise ValueError("architecture is required unless trust_pickle is true (a whole-model pickle)")
+        return self
+
+
+class ServerSettings(_Frozen):
+    """Limits and process settings shared by every model."""
+
+    max_upload_bytes: int = Field(20 * 2**20, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_images_per_request: int = Field(32, gt=0)
+    torch_threads: int | None = Field(None, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    workers: int = Field(1, gt=0)
+    threads: int = Field(4, gt=0)
+    timeout_s: int = Field(120, gt=0)
+    graceful_timeout_s: int = Field(30, gt=0)
+    preload: bool | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ServeConfig(_Frozen):
+    """The whole configuration: server settings plus one spec per model."""
+
+    models: tuple[ModelSpec, ...] = Field(min_length=1)
+    server: ServerSettings = ServerSettings()
+    source: Path | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique, repeated: {duplicates}")
+        return models
+
+    def model(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+# Environment variables that override server settings, with the field each one sets.
+SERVER_ENV = {
+    "SERVE_MAX_UPLOAD_BYTES": "max_upload_bytes",
+    "SERVE_MAX_IMAGE_PIXELS": "max_image_pixels",
+    "SERVE_MAX_IMAGES_PER_REQUEST": "max_images_per_request",
+    "SERVE_TORCH_THREADS": "torch_threads",
+    "SERVE_HOST": "host",
+    "PORT": "port",
+    "WEB_CONCURRENCY": "workers",
+    "SERVE_THREADS": "threads",
+    "SERVE_TIMEOUT_S": "timeout_s",
+    "SERVE_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
+    "SERVE_PRELOAD": "preload",
+    "SERVE_LOG_LEVEL": "log_level",
+}
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("SERVE_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
+    """Read the YAML file (SERVE_CONFIG or the default) and apply SERVE_* overrides.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or fails validation.
+    """
+    env = os.environ if env is None else env
+    path = Path(path) if path is not None else config_path(env)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping with a 'models' list")
+    return build_config(data, base_dir=path.resolve().parent, env=env, source=path.resolve())
+
+
+def build_config(
+    data: Mapping[str, Any],
+    base_dir: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    source: Path | None = None,
+) -> ServeConfig:
+    """Validate a config mapping; relative paths resolve against base_dir (default: cwd).
+
+    `env` holds the overrides; None means none (tests pass dicts, load_config passes os.environ).
+
+    Raises:
+        ConfigError: naming the model and the field that is wrong.
+    """
+    env = env or {}
+    base = Path(base_dir or Path.cwd())
+    data = dict(data)
+    raw_models = data.get("models")
+    if isinstance(raw_models, list):
+        data["models"] = [_resolve_model(m, i, base, env) for i, m in enumerate(raw_models)]
+    server = dict(data.get("server") or {})
+    server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
+    data["server"] = server
+    data["source"] = source
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, raw_models)) from None
+
+
+def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    model = dict(raw)
+    name = model.get("name", f"models[{index}]")
+    if env.get("SERVE_DEVICE"):
+        model["device"] = env["SERVE_DEVICE"]
+    if isinstance(model.get("checkpoint"), str):
+        model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
+    labels = model.get("labels")
+    if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
+        model["labels"] = _resolve_path(labels, base, name, "labels")
+    return model
+
+
+def _resolve_path(value: str, base: Path, model: str, field: str) -> Path:
+    """A path relative to the config file, or package://pkg/path/in/pkg for a file shipped in a package."""
+    if not value.startswith(PACKAGE_SCHEME):
+        return (base / Path(value).expanduser()).resolve()
+    package, _, inner = value[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package) if re.fullmatch(r"[A-Za-z_][\w.]*", package) else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model '{model}': field '{field}': package '{package}' is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / inner
+
+
+def _describe(exc: ValidationError, raw_models: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = "config"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            index = loc[1]
+            raw = raw_models[index] if isinstance(raw_models, list) and index < len(raw_models) else {}
+            name = raw.get("name") if isinstance(raw, dict) else None
+            where = f"model '{name}'" if name else f"models[{index}]"
+            loc = loc[2:]
+        elif loc and loc[0] == "server":
+            where, loc = "server", loc[1:]
+        field = ".".join(str(p) for p in loc if not str(p).startswith(("function-", "tuple[", "list[")))
+        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.80})"
+        lines.append(f"{where}: field '{field or '-'}': {err['msg']}{got}")
+    return "invalid config: " + "; ".join(dict.fromkeys(lines))

@@ -1,0 +1,103 @@
+"""The error hierarchy and the one place that turns errors into JSON responses."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Base of every error the server raises on purpose; carries an HTTP status and a stable code."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(ServeError):
+    """The configuration is invalid; raised at startup, the server refuses to boot."""
+
+    code = "config_error"
+
+
+class CheckpointError(ServeError):
+    """A checkpoint can't be read or doesn't fit its model; raised at startup."""
+
+    code = "checkpoint_error"
+
+
+class DeviceError(ServeError):
+    """The configured device does not exist on this machine; raised at startup."""
+
+    code = "device_error"
+
+
+class InvalidRequestError(ServeError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidImageError(ServeError):
+    status = 400
+    code = "invalid_image"
+
+
+class ImageTooLargeError(ServeError):
+    status = 413
+    code = "image_too_large"
+
+
+class TooManyImagesError(ServeError):
+    status = 413
+    code = "too_many_images"
+
+
+class UnsupportedMediaTypeError(ServeError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class ModelNotFoundError(ServeError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotReadyError(ServeError):
+    status = 503
+    code = "not_ready"
+
+
+def error_response(status: int, code: str, message: str):
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def _http_code(exc: HTTPException) -> str:
+    return (exc.name or "http_error").lower().replace(" ", "_")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map every exception a request can raise to one JSON shape."""
+
+    @app.errorhandler(ServeError)
+    def _serve_error(exc: ServeError):
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        response, status = error_response(exc.code or 500, _http_code(exc), exc.description or exc.name)
+        if exc.code == 405 and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response, status
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")

@@ -1,0 +1,318 @@
+"""Checkpoint reading and model building: file -> state_dict -> module on its device, in eval mode."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import pickle
+import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from serve.config import ModelSpec
+from serve.errors import CheckpointError, ConfigError, DeviceError
+
+log = logging.getLogger(__name__)
+
+# Keys under which training scripts commonly nest the model's weights, in order of preference.
+COMMON_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+# Prefixes that wrappers add to every key: nn.DataParallel / DDP, and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+SHOWN = 5
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A module ready for inference, and what was learned while loading it."""
+
+    module: nn.Module
+    device: torch.device
+    layout: str
+    sha256: str
+    load_time_s: float
+    skipped_keys: tuple[str, ...] = ()
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn cpu | cuda | cuda:N | auto into a device that exists here.
+
+    Raises:
+        DeviceError: a GPU was asked for that this machine doesn't have.
+    """
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(name)
+    index = device.index or 0
+    if index >= count:
+        found = f"found {count} CUDA device{'s' if count != 1 else ''}"
+        raise DeviceError(f"device '{name}' not available ({found})")
+    return torch.device("cuda", index)
+
+
+def build_module(architecture: str, kwargs: Mapping[str, Any], model: str = "?") -> nn.Module:
+    """Build an untrained module from 'package.module:Name[.factory]' or a torchvision builder name.
+
+    Raises:
+        ConfigError: the name does not resolve or its call fails.
+    """
+    where = f"model '{model}': field 'architecture'"
+    if ":" in architecture:
+        module_name, _, attr_path = architecture.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"{where}: cannot import '{module_name}': {exc}") from None
+        for attr in attr_path.split("."):
+            if not hasattr(target, attr):
+                raise ConfigError(f"{where}: '{module_name}' has no attribute '{attr_path}'")
+            target = getattr(target, attr)
+    else:
+        import torchvision
+
+        if architecture.lower() not in torchvision.models.list_models():
+            raise ConfigError(
+                f"{where}: '{architecture}' is neither 'package.module:Name' nor a torchvision model name"
+            )
+        target = torchvision.models.get_model_builder(architecture.lower())
+        kwargs = {"weights": None, **kwargs}
+    if not callable(target):
+        raise ConfigError(f"{where}: '{architecture}' is not callable")
+    try:
+        module = target(**kwargs)
+    except Exception as exc:  # the user's constructor: any failure is a config problem
+        raise ConfigError(f"{where}: calling '{architecture}' with kwargs {dict(kwargs)} failed: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{where}: '{architecture}' returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", trust_pickle: bool = False) -> Any:
+    """Deserialize a .pth/.pt/.safetensors file onto `device` without running pickled code.
+
+    Zip-format torch files are memory-mapped; legacy (pre-1.6) files are read whole. A file holding
+    arbitrary Python objects (a whole-model pickle) is only unpickled when trust_pickle is set.
+
+    Raises:
+        CheckpointError: missing, empty, truncated, corrupt or untrusted file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, device)
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if not _is_pickled_code(exc):
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_first_line(exc)}") from None
+        if not trust_pickle:
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled Python objects (e.g. a whole model saved with "
+                f"torch.save(model)), which can run arbitrary code when loaded; refused. Save "
+                f"model.state_dict() instead, or set trust_pickle: true for this model if you trust "
+                f"the file ({_first_line(exc)})"
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_first_line(exc)}") from None
+    log.warning("unpickling %s with weights_only=False because trust_pickle is set: it can run code", path)
+    try:
+        return torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+    except Exception as exc:  # arbitrary unpickling: any failure means the file can't be used
+        raise CheckpointError(f"checkpoint {path} could not be unpickled: {_first_line(exc)}") from None
+
+
+def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {exc}") from None
+
+
+def _is_pickled_code(exc: pickle.UnpicklingError) -> bool:
+    # torch's weights_only unpickler names the global it refused; a damaged file fails otherwise.
+    text = str(exc)
+    return "Weights only load failed" in text and ("GLOBAL" in text or "global" in text)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def find_state_dict(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor] | nn.Module, str]:
+    """Locate the model weights inside whatever a checkpoint file holds; return them and a layout note.
+
+    Raises:
+        CheckpointError: the key is absent, nothing looks like weights, or several candidates exist.
+    """
+    if isinstance(obj, nn.Module):
+        while isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            obj = obj.module
+        return obj, f"whole-model pickle ({type(obj).__name__})"
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state_dict or a dict of them")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"state_dict_key '{key}' not in checkpoint; its keys: {_key_list(obj)}")
+        found = obj[key]
+        if isinstance(found, nn.Module):
+            return find_state_dict(found)
+        if not _is_state_dict(found):
+            raise CheckpointError(f"checkpoint['{key}'] is a {type(found).__name__}, not a state_dict of tensors")
+        return found, f"dict entry '{key}'"
+    if _is_state_dict(obj):
+        return obj, "bare state_dict"
+    candidates = [k for k, v in obj.items() if _is_state_dict(v)]
+    common = [k for k in COMMON_KEYS if k in candidates]
+    if len(common) == 1 or (common and len(candidates) == 1):
+        return obj[common[0]], f"dict entry '{common[0]}'"
+    if len(candidates) == 1:
+        return obj[candidates[0]], f"dict entry '{candidates[0]}'"
+    if not candidates:
+        raise CheckpointError(f"no state_dict found in checkpoint; its keys: {_key_list(obj)}")
+    raise CheckpointError(
+        f"checkpoint holds several state_dicts: {candidates}; set state_dict_key to choose one"
+    )
+
+
+def _key_list(obj: Mapping) -> list[str]:
+    return [str(k) for k in list(obj)[:20]]
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor], own_keys) -> dict[str, torch.Tensor]:
+    """Remove 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) when every key has one."""
+    own = list(own_keys)
+    result = dict(state_dict)
+    changed = True
+    while changed and result:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in result) and not any(k.startswith(prefix) for k in own):
+                result = {k[len(prefix):]: v for k, v in result.items()}
+                changed = True
+    return result
+
+
+def _summarize(title: str, items: list[str]) -> str:
+    more = f", ... ({len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return f"{len(items)} {title}: {', '.join(items[:SHOWN])}{more}"
+
+
+def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> tuple[str, ...]:
+    """Copy weights into module; return the checkpoint keys skipped (only when not strict).
+
+    Raises:
+        CheckpointError: strict and the keys or shapes differ; names the first few of each.
+    """
+    own = module.state_dict()
+    state_dict = strip_wrapper_prefixes(state_dict, own.keys())
+    mismatched = [
+        f"{k} (checkpoint {list(v.shape)}, model {list(own[k].shape)})"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    fitting = {k: v for k, v in state_dict.items() if not (k in own and v.shape != own[k].shape)}
+    result = module.load_state_dict(fitting, strict=False)
+    problems = [
+        _summarize(title, items)
+        for title, items in (
+            ("missing keys", list(result.missing_keys)),
+            ("unexpected keys", list(result.unexpected_keys)),
+            ("shape mismatches", mismatched),
+        )
+        if items
+    ]
+    if strict and problems:
+        raise CheckpointError("checkpoint does not fit the architecture: " + "; ".join(problems))
+    if problems:
+        log.warning("non-strict load skipped: %s", "; ".join(problems))
+    skipped = list(result.unexpected_keys) + [m.split(" ")[0] for m in mismatched]
+    return tuple(skipped)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Build the spec's module, load its checkpoint onto its device and put it in eval mode.
+
+    Raises:
+        ConfigError, DeviceError, CheckpointError: prefixed with the model's name.
+    """
+    started = time.perf_counter()
+    try:
+        device = resolve_device(spec.device)
+        digest = file_sha256(spec.checkpoint) if spec.checkpoint.is_file() else ""
+        if spec.sha256 and digest != spec.sha256.lower():
+            raise CheckpointError(
+                f"checkpoint {spec.checkpoint} sha256 is {digest or 'unreadable'}, config expects {spec.sha256}"
+            )
+        obj = read_checkpoint(spec.checkpoint, device, trust_pickle=spec.trust_pickle)
+        weights, layout = find_state_dict(obj, spec.state_dict_key)
+        skipped: tuple[str, ...] = ()
+        if isinstance(weights, nn.Module) and spec.architecture is None:
+            module = weights
+        else:
+            module = build_module(spec.architecture, spec.kwargs, spec.name)
+            if isinstance(weights, nn.Module):
+                weights = weights.state_dict()
+            skipped = load_weights(module, weights, spec.strict)
+        del obj, weights
+        module = module.to(device).eval()
+    except (ConfigError, CheckpointError, DeviceError) as exc:
+        message = exc.message if exc.message.startswith("model '") else f"model '{spec.name}': {exc.message}"
+        raise type(exc)(message) from None
+    elapsed = time.perf_counter() - started
+    log.info("model '%s' loaded from %s (%s) on %s in %.2fs", spec.name, spec.checkpoint.name, layout, device, elapsed)
+    return LoadedModel(module, device, layout, digest, elapsed, skipped)
+
+
+def load_labels(spec: ModelSpec) -> tuple[str, ...] | None:
+    """Read the spec's labels: an inline list, a text file (one per line), or torchvision:<Weights>.
+
+    Raises:
+        ConfigError: the file or the torchvision weights entry can't be read.
+    """
+    labels = spec.labels
+    where = f"model '{spec.name}': field 'labels'"
+    if labels is None or isinstance(labels, tuple):
+        return labels
+    if isinstance(labels, str):
+        import torchvision
+
+        name = labels.split(":", 1)[1]
+        try:
+            return tuple(torchvision.models.get_weight(name).meta["categories"])
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"{where}: no torchvision weights '{name}' with categories ({exc})") from None
+    try:
+        lines = labels.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {labels}: {exc.strerror or exc}") from None
+    return tuple(line.strip() for line in lines if line.strip())

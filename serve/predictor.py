@@ -1,0 +1,145 @@
+"""Predictor: one loaded model with its labels and transform; image bytes or tensors in, top-k out."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from serve.config import ModelSpec
+from serve.errors import CheckpointError, ConfigError, InvalidRequestError
+from serve.loader import LoadedModel
+from serve.preprocess import build_transform, decode_image
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    model: str
+    classes: tuple[ClassScore, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "predictions": [
+                {"label": c.label, "index": c.index, "probability": round(c.probability, 6)} for c in self.classes
+            ],
+        }
+
+
+class Predictor:
+    """Runs one model: decode and transform an image, forward a batch, turn probabilities into labels."""
+
+    def __init__(self, spec: ModelSpec, loaded: LoadedModel, labels: tuple[str, ...] | None, max_pixels: int):
+        self.spec = spec
+        self.loaded = loaded
+        self.labels = labels
+        self.max_pixels = max_pixels
+        self.transform = build_transform(spec.preprocess)
+        self.num_classes: int | None = None
+        self.ready = False
+        # One forward at a time per model: concurrent forwards only fight over the same cores.
+        self._lock = threading.Lock()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        pre = self.spec.preprocess
+        return (pre.channels, pre.crop, pre.crop)
+
+    def warm_up(self) -> None:
+        """Run one forward on a blank input, learn the class count and check the labels against it.
+
+        Raises:
+            CheckpointError: the output is not [N, classes].
+            ConfigError: the labels don't match the class count.
+        """
+        probs = self.predict_batch([torch.zeros(self.input_shape)])[0]
+        self.num_classes = probs.shape[-1]
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            raise ConfigError(
+                f"model '{self.spec.name}': field 'labels': {len(self.labels)} labels, "
+                f"but the model outputs {self.num_classes} classes"
+            )
+        self.ready = True
+
+    def preprocess(self, data: bytes) -> torch.Tensor:
+        """Decode and transform one image into the model's input tensor.
+
+        Raises:
+            InvalidImageError, ImageTooLargeError: see decode_image.
+        """
+        image = decode_image(data, self.max_pixels, self.spec.preprocess.mode, min_side=self.spec.preprocess.resize)
+        return self.transform(image)
+
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Forward a list of [C, H, W] tensors as one batch; return one probability vector each, on the CPU.
+
+        Raises:
+            CheckpointError: the model's output can't be read as class scores.
+        """
+        batch = torch.stack(inputs)
+        device = self.loaded.device
+        with self._lock, torch.inference_mode():
+            output = self.loaded.module(batch.to(device, non_blocking=device.type == "cuda"))
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if not isinstance(output, torch.Tensor) or output.ndim < 2 or output.shape[0] != len(inputs):
+            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise CheckpointError(f"model '{self.spec.name}' output {shape} is not [batch, classes, ...]")
+        if output.ndim > 2:
+            # Fully convolutional nets end in a score map: average it spatially into class scores.
+            output = output.flatten(2).mean(-1)
+        probs = output.float().softmax(-1).cpu()
+        return list(probs)
+
+    def describe(self, probs: torch.Tensor, k: int | None = None) -> Prediction:
+        """Turn one probability vector into the top-k labelled classes."""
+        k = min(k or self.spec.topk, probs.shape[-1])
+        top = probs.topk(k)
+        classes = tuple(
+            ClassScore(self.label(i), i, p) for p, i in zip(top.values.tolist(), top.indices.tolist())
+        )
+        return Prediction(self.spec.name, classes)
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels is not None else str(index)
+
+    def check_topk(self, k: int) -> int:
+        """Raises: InvalidRequestError: k outside 1..classes."""
+        if not 1 <= k <= (self.num_classes or 1):
+            raise InvalidRequestError(f"topk must be between 1 and {self.num_classes}, got {k}")
+        return k
+
+    def metadata(self) -> dict:
+        spec, pre = self.spec, self.spec.preprocess
+        return {
+            "name": spec.name,
+            "architecture": spec.architecture or "whole-model pickle",
+            "device": str(self.loaded.device),
+            "ready": self.ready,
+            "input": {
+                "shape": list(self.input_shape),
+                "mode": pre.mode,
+                "resize": pre.resize,
+                "crop": pre.crop,
+                "mean": list(pre.mean),
+                "std": list(pre.std),
+                "interpolation": pre.interpolation,
+            },
+            "num_classes": self.num_classes,
+            "num_labels": len(self.labels) if self.labels is not None else 0,
+            "topk": spec.topk,
+            "checkpoint": {
+                "file": spec.checkpoint.name,
+                "sha256": self.loaded.sha256,
+                "layout": self.loaded.layout,
+                "skipped_keys": len(self.loaded.skipped_keys),
+            },
+            "load_time_s": round(self.loaded.load_time_s, 3),
+        }

@@ -1,0 +1,89 @@
+"""Image bytes -> validated PIL image -> normalized tensor, as each model's config describes."""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve.config import PreprocessSpec
+from serve.errors import ImageTooLargeError, InvalidImageError
+
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Modes with more than 8 bits a sample: Pillow's convert("RGB") clips them instead of scaling.
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int | None = None) -> Image.Image:
+    """Decode bytes into an upright image in `mode`, refusing bombs before any pixel is decoded.
+
+    With min_side set, a JPEG is decoded at the smallest DCT scale whose shorter side still reaches it.
+
+    Raises:
+        InvalidImageError: empty, unrecognised, truncated or corrupt data.
+        ImageTooLargeError: more pixels than max_pixels.
+    """
+    if not data:
+        raise InvalidImageError("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        if width < 1 or height < 1:
+            raise InvalidImageError(f"image has no pixels ({width}x{height})")
+        if min_side and image.format == "JPEG":
+            scale = min_side / min(width, height)
+            image.draft(mode if mode == "L" else "RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _convert(image, mode)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image has too many pixels: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidImageError("the data is not an image in a format this server reads (JPEG, PNG, GIF, WebP, TIFF, BMP, ...)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImageError(f"the image is truncated or corrupt: {exc}") from None
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    if image.mode in WIDE_MODES:
+        # Scale the sample range into 8 bits rather than clipping everything above 255 to white.
+        image = image if image.mode == "F" else image.convert("I")
+        lo, hi = image.getextrema()
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = image.point(lambda v: v * scale - lo * scale).convert("L")
+    if image.mode in ("P", "PA", "LA", "RGBA") and mode == "RGB":
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def build_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """Return a function image -> float tensor [C, crop, crop]: resize shorter side, centre crop, normalize."""
+    resample = RESAMPLE[spec.interpolation]
+    mean = torch.tensor(spec.mean).mul(255.0).view(-1, 1, 1)
+    std = torch.tensor(spec.std).mul(255.0).view(-1, 1, 1)
+    channels = spec.channels
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        scale = spec.resize / min(width, height)
+        size = (max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, resample, reducing_gap=3.0)
+        left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
+        image = image.crop((left, top, left + spec.crop, top + spec.crop))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        tensor = pixels.view(spec.crop, spec.crop, channels).permute(2, 0, 1)
+        return tensor.float().sub_(mean).div_(std)
+
+    return transform

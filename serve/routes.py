@@ -1,0 +1,108 @@
+"""HTTP routes: health, model metadata and predictions (TorchServe-compatible paths)."""
+from __future__ import annotations
+
+import torch
+from flask import Blueprint, Request, current_app, jsonify, request
+
+from serve.errors import (
+    InvalidRequestError,
+    NotReadyError,
+    ServeError,
+    TooManyImagesError,
+    UnsupportedMediaTypeError,
+)
+from serve.predictor import Predictor
+from serve.registry import Registry
+
+bp = Blueprint("serve", __name__)
+# Bodies taken as raw image bytes; curl --data-binary sends form-urlencoded unless told otherwise.
+RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded", "")
+
+
+def registry() -> Registry:
+    return current_app.extensions["serve"]
+
+
+@bp.get("/ping")
+def ping():
+    return jsonify(status="Healthy")
+
+
+@bp.get("/ready")
+def ready():
+    reg = registry()
+    if not reg.ready:
+        raise NotReadyError("models are still loading")
+    return jsonify(status="ready", models=list(reg.predictors))
+
+
+@bp.get("/models")
+def list_models():
+    return jsonify(models=[p.metadata() for p in registry().predictors.values()])
+
+
+@bp.get("/models/<name>")
+def describe_model(name: str):
+    return jsonify(registry().get(name).metadata())
+
+
+@bp.route("/predictions", methods=["POST", "PUT"])
+@bp.route("/predictions/<name>", methods=["POST", "PUT"])
+def predict(name: str | None = None):
+    reg = registry()
+    predictor = reg.get(name or reg.default_name)
+    if not predictor.ready:
+        raise NotReadyError(f"model '{predictor.spec.name}' is not ready")
+    topk = predictor.check_topk(parse_topk(request, predictor.spec.topk))
+    images, many = read_images(request, reg.config.server.max_images_per_request)
+    inputs = [preprocess_one(predictor, data, i, len(images)) for i, data in enumerate(images)]
+    results = [predictor.describe(p, topk).to_dict() for p in predictor.predict_batch(inputs)]
+    return jsonify(results if many else results[0])
+
+
+def parse_topk(req: Request, default: int) -> int:
+    """Raises: InvalidRequestError: topk is not an integer."""
+    raw = req.args.get("topk")
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequestError(f"topk must be an integer, got '{raw[:40]}'") from None
+
+
+def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
+    """Return the request's image payloads and whether it asked for a list answer (several files).
+
+    Raises:
+        InvalidRequestError: multipart without a file, or an empty body.
+        TooManyImagesError: more files than `limit`.
+        UnsupportedMediaTypeError: a body that can't be an image (JSON, text, ...).
+    """
+    mimetype = req.mimetype
+    if mimetype == "multipart/form-data":
+        files = [f for key in req.files for f in req.files.getlist(key)]
+        if not files:
+            raise InvalidRequestError("multipart request holds no file; send the image as a file field (-F image=@cat.jpg)")
+        if len(files) > limit:
+            raise TooManyImagesError(f"{len(files)} images in one request; the limit is {limit}")
+        return [f.read() for f in files], len(files) > 1
+    if mimetype.startswith("image/") or mimetype in RAW_TYPES:
+        data = req.get_data(cache=False)
+        if not data:
+            raise InvalidRequestError("the request body is empty; send image bytes or multipart/form-data")
+        return [data], False
+    raise UnsupportedMediaTypeError(
+        f"Content-Type '{mimetype}' is not supported; send image bytes (image/*, application/octet-stream) "
+        "or multipart/form-data"
+    )
+
+
+def preprocess_one(predictor: Predictor, data: bytes, index: int, count: int) -> torch.Tensor:
+    """Decode one upload; with several, the error names which one failed."""
+    try:
+        return predictor.preprocess(data)
+    except ServeError as exc:
+        if count == 1:
+            raise
+        raise type(exc)(f"image {index + 1} of {count}: {exc.message}") from None
