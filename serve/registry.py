@@ -19,14 +19,16 @@ class Registry:
         self.predictors = predictors
 
     @classmethod
-    def load(cls, config: ServeConfig) -> Registry:
-        """Load and warm up every model; any failure stops here, so nothing half-loaded is served.
+    def load(cls, config: ServeConfig, names: list[str] | None = None) -> Registry:
+        """Load and warm up every model (or those named); any failure stops here, so nothing half-loaded is served.
 
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
         predictors = {}
         for spec in config.models:
+            if names is not None and spec.name not in names:
+                continue
             predictor = Predictor(spec, load_model(spec), load_labels(spec), config.server.max_image_pixels)
             predictor.warm_up()
             predictors[spec.name] = predictor
@@ -38,7 +40,7 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        return len(self.predictors) == len(self.config.models) and all(p.ready for p in self.predictors.values())
+        return bool(self.predictors) and all(p.ready for p in self.predictors.values())
 
     def get(self, name: str) -> Predictor:
         """Raises: ModelNotFoundError: no model of that name."""

@@ -1,0 +1,117 @@
+"""Command line: inspect a checkpoint, check a config, predict an image without the HTTP server."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from serve.config import load_config
+from serve.errors import CheckpointError, ServeError
+from serve.loader import file_sha256, find_state_dict, read_checkpoint
+from serve.registry import Registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="print a checkpoint's layout and every key with its shape")
+    inspect.add_argument("checkpoint", type=Path)
+    inspect.add_argument("--key", help="the state_dict_key to use, as in the config")
+    inspect.add_argument("--trust-pickle", action="store_true", help="allow a whole-model pickle (runs its code)")
+    check = commands.add_parser("check", help="load and warm up every model of a config, then report")
+    check.add_argument("config", nargs="?", type=Path, help="default: SERVE_CONFIG or models/models.yaml")
+    predict = commands.add_parser("predict", help="print the top-k classes of an image")
+    predict.add_argument("image", type=Path)
+    predict.add_argument("--model", help="model name (default: the config's first)")
+    predict.add_argument("--config", type=Path)
+    predict.add_argument("--topk", type=int)
+    args = parser.parse_args(argv)
+    try:
+        return {"inspect": run_inspect, "check": run_check, "predict": run_predict}[args.command](args)
+    except ServeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    path: Path = args.checkpoint
+    fmt = (
+        "safetensors" if path.suffix == ".safetensors"
+        else "zip (torch.save, PyTorch >= 1.6)" if zipfile.is_zipfile(path)
+        else "legacy (torch.save before 1.6, or _use_new_zipfile_serialization=False)"
+    )
+    obj = read_checkpoint(path, "cpu", trust_pickle=args.trust_pickle)
+    print(f"file:    {path} ({path.stat().st_size} bytes)")
+    print(f"sha256:  {file_sha256(path)}")
+    print(f"format:  {fmt}")
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        print("entries: " + ", ".join(f"{k}={_brief(v)}" for k, v in obj.items()))
+    try:
+        weights, layout = find_state_dict(obj, args.key)
+    except CheckpointError as exc:
+        print(f"layout:  not decided: {exc.message}")
+        for key, value in obj.items():
+            if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                print(f"\n[{key}]")
+                _print_tensors(value)
+        return 0
+    print(f"layout:  {layout}")
+    if isinstance(weights, nn.Module):
+        weights = weights.state_dict()
+    print()
+    _print_tensors(weights)
+    return 0
+
+
+def _brief(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, Mapping):
+        tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
+        return f"dict({len(value)} entries, {tensors} tensors)"
+    if isinstance(value, nn.Module):
+        return f"module {type(value).__name__}"
+    return repr(value)[:40]
+
+
+def _print_tensors(state_dict: Mapping[str, torch.Tensor]) -> None:
+    width = max(36, max(len(k) for k in state_dict) + 3)
+    total = 0
+    for key, tensor in state_dict.items():
+        total += tensor.numel()
+        print(key.ljust(width, "."), tensor.size(), str(tensor.dtype).removeprefix("torch."))
+    print(f"{len(state_dict)} tensors, {total:,} values")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    registry = Registry.load(config)
+    for predictor in registry.predictors.values():
+        meta = predictor.metadata()
+        print(
+            f"{meta['name']}: ok, {meta['architecture']} on {meta['device']}, {meta['num_classes']} classes, "
+            f"{meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
+        )
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    name = args.model or config.models[0].name
+    registry = Registry.load(config, names=[name])
+    predictor = registry.get(name)
+    try:
+        data = args.image.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+        return 1
+    k = predictor.check_topk(args.topk or predictor.spec.topk)
+    probs = predictor.predict_batch([predictor.preprocess(data)])[0]
+    print(json.dumps(predictor.describe(probs, k).to_dict(), indent=2))
+    return 0

@@ -1,0 +1,53 @@
+"""gunicorn settings, all from ServeConfig (PORT, WEB_CONCURRENCY, SERVE_* variables, models.yaml).
+
+Run: gunicorn -c serve/gunicorn_conf.py "serve.app:create_app()"
+
+Models load once in the master before the fork (preload) when every model is on the CPU, so all
+workers share the weights' pages copy-on-write. The master keeps torch at one thread while loading:
+GNU OpenMP's thread pool does not survive fork(), and a worker using a pool its parent started
+hangs. Each worker then sets its own intra-op thread count so workers x threads fits the cores.
+CUDA can't be initialised before fork, so with a GPU model every worker loads its own copy.
+"""
+import logging
+import os
+import sys
+
+import torch
+
+from serve.config import load_config
+from serve.errors import ConfigError
+
+try:
+    _config = load_config()
+except ConfigError as exc:
+    sys.exit(f"serve: {exc.message}")
+_server = _config.server
+
+bind = f"{_server.host}:{_server.port}"
+workers = _server.workers
+worker_class = "gthread"
+threads = _server.threads
+timeout = _server.timeout_s
+graceful_timeout = _server.graceful_timeout_s
+keepalive = 5
+# gunicorn 27 opens a control socket that can change the server at run time: off, as every management surface.
+control_socket_disable = True
+loglevel = _server.log_level
+accesslog = "-"
+errorlog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+preload_app = _server.preload if _server.preload is not None else not any(
+    m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available()) for m in _config.models
+)
+torch_threads = _server.torch_threads or max(1, len(os.sched_getaffinity(0)) // workers)
+
+logging.basicConfig(
+    level=loglevel.upper(), stream=sys.stderr, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+)
+if preload_app:
+    torch.set_num_threads(1)
+
+
+def post_fork(server, worker):
+    torch.set_num_threads(torch_threads)
+    server.log.info("worker %s: %d torch threads, preload=%s", worker.pid, torch_threads, preload_app)

@@ -1,0 +1,86 @@
+"""Fixtures: a tiny model with hand-computable outputs, its checkpoint and config, the app and images."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models.tiny import TinyNet
+from serve.app import create_app
+from serve.config import build_config
+
+LABELS = ["red", "green", "blue"]
+
+
+def tiny_net() -> TinyNet:
+    """logits = 2 * (channel means) + 1, each class scoring its own channel."""
+    net = TinyNet(num_classes=3)
+    with torch.no_grad():
+        net.fc.weight.copy_(torch.eye(3) * 2)
+        net.fc.bias.fill_(1.0)
+    return net
+
+
+def tiny_model_config(checkpoint: Path, **overrides) -> dict:
+    spec = {
+        "name": "tiny",
+        "architecture": "models.tiny:TinyNet",
+        "kwargs": {"num_classes": 3},
+        "checkpoint": str(checkpoint),
+        "device": "cpu",
+        "labels": LABELS,
+        "topk": 3,
+        "preprocess": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]},
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_net().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_checkpoint):
+    return build_config({"models": [tiny_model_config(tiny_checkpoint)]})
+
+
+@pytest.fixture
+def app(tiny_config):
+    return create_app(tiny_config)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def image_bytes(color=(255, 0, 0), size=(16, 16), fmt="PNG", mode="RGB", **save_args) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, fmt, **save_args)
+    return buf.getvalue()
+
+
+def expected_probs(rgb) -> torch.Tensor:
+    """What tiny_net answers for a solid colour: softmax(2 * rgb/255 + 1)."""
+    return (torch.tensor(rgb, dtype=torch.float32) / 255 * 2 + 1).softmax(-1)
+
+
+@pytest.fixture
+def png_bytes() -> bytes:
+    return image_bytes((255, 0, 0))
+
+
+@pytest.fixture(scope="session")
+def cat_jpeg() -> bytes:
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
