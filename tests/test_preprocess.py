@@ -1,0 +1,110 @@
+"""Decoding and transforms: exact tensors, EXIF orientation, odd modes, bombs and broken files."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import image_bytes
+from serve.config import PreprocessSpec
+from serve.errors import ImageTooLargeError, InvalidImageError
+from serve.preprocess import build_transform, decode_image
+
+MAX = 50_000_000
+
+
+def test_solid_colour_normalizes_exactly():
+    spec = PreprocessSpec(resize=8, crop=8, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    tensor = build_transform(spec)(Image.new("RGB", (20, 12), (255, 51, 0)))
+    assert tensor.shape == (3, 8, 8) and tensor.dtype == torch.float32
+    expected = torch.tensor([(255 - 127.5) / 127.5, (51 - 63.75) / 63.75, 0.0])
+    assert torch.allclose(tensor, expected.view(3, 1, 1).expand(3, 8, 8))
+
+
+def test_resize_shorter_side_then_centre_crop():
+    image = Image.new("RGB", (30, 10), (255, 0, 0))
+    image.paste((0, 255, 0), (10, 0, 20, 10))  # only the middle third is green
+    tensor = build_transform(PreprocessSpec(resize=10, crop=10, mean=(0, 0, 0), std=(1, 1, 1)))(image)
+    assert torch.equal(tensor[1], torch.ones(10, 10)) and torch.equal(tensor[0], torch.zeros(10, 10))
+
+
+def test_grayscale_model_gets_one_channel():
+    spec = PreprocessSpec(resize=4, crop=4, mean=(0.0,), std=(1.0,), mode="L")
+    image = decode_image(image_bytes((255, 255, 255)), MAX, "L")
+    assert build_transform(spec)(image).shape == (1, 4, 4)
+
+
+def test_exif_orientation_is_honoured():
+    stored = Image.new("RGB", (20, 10), (255, 0, 0))
+    stored.paste((0, 0, 255), (10, 0, 20, 10))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif, quality=95)
+    upright = decode_image(buf.getvalue(), MAX)
+    assert upright.size == (10, 20)
+    top, bottom = upright.getpixel((5, 2)), upright.getpixel((5, 17))
+    assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+
+
+@pytest.mark.parametrize(
+    "mode, color, fmt, save_args",
+    [
+        ("L", 128, "PNG", {}),
+        ("1", 1, "PNG", {}),
+        ("CMYK", (0, 255, 255, 0), "JPEG", {}),
+        ("RGBA", (255, 0, 0, 0), "PNG", {}),
+        ("LA", (0, 0), "PNG", {}),
+        ("P", 3, "GIF", {"transparency": 3}),
+    ],
+)
+def test_odd_modes_become_rgb(mode, color, fmt, save_args):
+    image = decode_image(image_bytes(color, mode=mode, fmt=fmt, **save_args), MAX)
+    assert image.mode == "RGB" and image.size == (16, 16)
+
+
+def test_transparent_pixels_become_white():
+    image = decode_image(image_bytes((255, 0, 0, 0), mode="RGBA"), MAX)
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    wide = Image.new("I;16", (4, 1))
+    for x, v in enumerate((0, 1000, 2000, 4000)):
+        wide.putpixel((x, 0), v)
+    buf = io.BytesIO()
+    wide.save(buf, "PNG")
+    image = decode_image(buf.getvalue(), MAX)
+    assert [image.getpixel((x, 0))[0] for x in range(4)] == [0, 64, 128, 255]
+
+
+def test_big_jpeg_is_decoded_at_reduced_scale():
+    data = image_bytes((10, 200, 30), size=(4000, 3000), fmt="JPEG")
+    image = decode_image(data, MAX, min_side=256)
+    assert min(image.size) >= 256 and image.size[0] <= 1000
+    assert decode_image(data, MAX).size == (4000, 3000)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = image_bytes(0, size=(10_000, 10_000), mode="1")  # 100 Mpx in a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageTooLargeError, match="10000x10000 = 100000000 pixels; the limit is 50000000"):
+        decode_image(bomb, MAX)
+    with pytest.raises(ImageTooLargeError, match="the limit is 100"):
+        decode_image(image_bytes(size=(11, 10)), max_pixels=100)
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (b"", "empty"),
+        (b"<html><body>not an image</body></html>", "not an image"),
+        (image_bytes(fmt="JPEG", size=(64, 64))[:300], "truncated or corrupt"),
+        (image_bytes(fmt="PNG", size=(64, 64))[:60], "truncated or corrupt"),
+    ],
+)
+def test_broken_data_is_an_invalid_image(data, needle):
+    with pytest.raises(InvalidImageError, match=needle):
+        decode_image(data, MAX)
