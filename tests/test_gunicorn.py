@@ -1,0 +1,165 @@
+"""End to end: a real gunicorn on 127.0.0.1 serving the default model and a tiny one."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import expected_probs, image_bytes, tiny_model_config
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_pids(master: int) -> set[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {**os.environ, "PORT": str(self.port), "SERVE_HOST": "127.0.0.1", **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
+            cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        self.started = time.monotonic()
+        self.ready_after_s = self._wait_ready()
+
+    def _wait_ready(self) -> float:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return time.monotonic() - self.started
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"gunicorn not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    server = Server({"WEB_CONCURRENCY": "2", "SERVE_DEVICE": "cpu"}, tmp_path_factory.mktemp("gunicorn") / "default.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    from conftest import tiny_net
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.save({"epoch": 3, "model_state_dict": tiny_net().state_dict()}, folder / "tiny.pth")
+    config = folder / "models.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": [tiny_model_config(Path("tiny.pth"))],
+        "server": {"max_upload_bytes": 100_000},
+    }))
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2"}, folder / "gunicorn.log")
+    yield server
+    server.stop()
+
+
+def test_default_model_says_cat(default_server, cat_jpeg):
+    response = requests.post(
+        f"{default_server.url}/predictions/efficientnet_lite0", data=cat_jpeg,
+        headers={"Content-Type": "image/jpeg"}, timeout=30,
+    )
+    assert response.status_code == 200
+    top = response.json()["predictions"][0]
+    assert "cat" in top["label"], response.json()
+    assert top["probability"] > 0.3
+
+
+def test_default_model_multipart_upload(default_server, cat_jpeg):
+    response = requests.post(
+        f"{default_server.url}/predictions/efficientnet_lite0?topk=3", files={"image": ("cat.jpg", cat_jpeg)}, timeout=30
+    )
+    assert response.status_code == 200
+    labels = [p["label"] for p in response.json()["predictions"]]
+    assert len(labels) == 3 and all("cat" in label or label == "tabby" for label in labels)
+
+
+def test_default_server_metadata_and_workers(default_server):
+    assert requests.get(f"{default_server.url}/ping", timeout=5).json() == {"status": "Healthy"}
+    meta = requests.get(f"{default_server.url}/models/efficientnet_lite0", timeout=5).json()
+    assert meta["num_classes"] == 1000 and meta["device"] == "cpu"
+    assert len(worker_pids(default_server.proc.pid)) == 2
+
+
+def test_tiny_answers_exactly_over_http(tiny_server):
+    response = requests.post(f"{tiny_server.url}/predictions/tiny", data=image_bytes((0, 255, 0)),
+                             headers={"Content-Type": "image/png"}, timeout=10)
+    probs = [p["probability"] for p in response.json()["predictions"]]
+    assert probs == pytest.approx(sorted(expected_probs((0, 255, 0)).tolist(), reverse=True), abs=1e-6)
+
+
+def test_hostile_requests_get_4xx_and_kill_no_worker(tiny_server):
+    before = worker_pids(tiny_server.proc.pid)
+    url = f"{tiny_server.url}/predictions/tiny"
+    cases = [
+        (dict(data=b"junk", headers={"Content-Type": "image/jpeg"}), 400),
+        (dict(data=image_bytes(fmt="JPEG", size=(64, 64))[:200], headers={"Content-Type": "image/jpeg"}), 400),
+        (dict(data=b"x" * 200_000, headers={"Content-Type": "image/png"}), 413),
+        (dict(data=image_bytes(0, size=(10_000, 10_000), mode="1"), headers={"Content-Type": "image/png"}), 413),
+        (dict(json={"a": 1}), 415),
+        (dict(files={"image": ("e.png", b"")}), 400),
+    ]
+    for kwargs, status in cases:
+        response = requests.post(url, timeout=10, **kwargs)
+        assert response.status_code == status, (kwargs.keys(), response.text)
+        assert set(response.json()["error"]) == {"code", "message"}
+    assert worker_pids(tiny_server.proc.pid) == before
+    assert requests.get(f"{tiny_server.url}/ready", timeout=5).status_code == 200
+
+
+def test_sigterm_stops_gracefully_with_status_0(tmp_path, tiny_checkpoint):
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint)]}))
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "1"}, tmp_path / "gunicorn.log")
+    assert requests.get(f"{server.url}/ready", timeout=5).status_code == 200
+    assert server.stop() == 0
+
+
+def test_bad_config_stops_the_server_with_a_clear_message(tmp_path, tiny_checkpoint):
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint, topk=-1)]}))
+    env = {**os.environ, "SERVE_CONFIG": str(config), "PORT": str(free_port())}
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "model 'tiny': field 'topk': Input should be greater than 0" in result.stderr
