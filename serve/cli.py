@@ -112,6 +112,6 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
         return 1
     k = predictor.check_topk(args.topk or predictor.spec.topk)
-    probs = predictor.predict_batch([predictor.preprocess(data)])[0]
+    probs = registry.infer(name, [predictor.preprocess(data)])[0]
     print(json.dumps(predictor.describe(probs, k).to_dict(), indent=2))
     return 0

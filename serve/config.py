@@ -65,6 +65,8 @@ class ModelSpec(_Frozen):
     topk: int = Field(5, gt=0)
     preprocess: PreprocessSpec = PreprocessSpec()
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    max_batch_size: int = Field(8, gt=0, description="most images one forward pass takes")
+    max_delay_ms: float = Field(0.0, ge=0, description="longest a batch waits for more images; 0 = take what is queued")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -79,6 +81,7 @@ class ServerSettings(_Frozen):
     max_upload_bytes: int = Field(20 * 2**20, gt=0)
     max_image_pixels: int = Field(50_000_000, gt=0)
     max_images_per_request: int = Field(32, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
     torch_threads: int | None = Field(None, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
@@ -118,6 +121,7 @@ SERVER_ENV = {
     "SERVE_MAX_UPLOAD_BYTES": "max_upload_bytes",
     "SERVE_MAX_IMAGE_PIXELS": "max_image_pixels",
     "SERVE_MAX_IMAGES_PER_REQUEST": "max_images_per_request",
+    "SERVE_REQUEST_TIMEOUT_S": "request_timeout_s",
     "SERVE_TORCH_THREADS": "torch_threads",
     "SERVE_HOST": "host",
     "PORT": "port",

@@ -73,6 +73,11 @@ class NotReadyError(ServeError):
     code = "not_ready"
 
 
+class BatchTimeoutError(ServeError):
+    status = 503
+    code = "timeout"
+
+
 def error_response(status: int, code: str, message: str):
     return jsonify({"error": {"code": code, "message": message}}), status
 

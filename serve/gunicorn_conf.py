@@ -32,10 +32,14 @@ graceful_timeout = _server.graceful_timeout_s
 keepalive = 5
 # gunicorn 27 opens a control socket that can change the server at run time: off, as every management surface.
 control_socket_disable = True
+# Heartbeat files in memory: works on a read-only root filesystem and never blocks on a slow disk.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 loglevel = _server.log_level
 accesslog = "-"
 errorlog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# NVML answers "is there a GPU" without initialising CUDA in the master, which would break forked workers.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 preload_app = _server.preload if _server.preload is not None else not any(
     m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available()) for m in _config.models
 )

@@ -1,7 +1,6 @@
 """Predictor: one loaded model with its labels and transform; image bytes or tensors in, top-k out."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +8,7 @@ import torch
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, InvalidRequestError
 from serve.loader import LoadedModel
-from serve.preprocess import build_transform, decode_image
+from serve.preprocess import build_normalizer, build_transform, decode_image
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,9 @@ class Predictor:
         self.labels = labels
         self.max_pixels = max_pixels
         self.transform = build_transform(spec.preprocess)
+        self.normalize = build_normalizer(spec.preprocess, loaded.device)
         self.num_classes: int | None = None
         self.ready = False
-        # One forward at a time per model: concurrent forwards only fight over the same cores.
-        self._lock = threading.Lock()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -53,13 +51,16 @@ class Predictor:
         return (pre.channels, pre.crop, pre.crop)
 
     def warm_up(self) -> None:
-        """Run one forward on a blank input, learn the class count and check the labels against it.
+        """Forward one blank image, learn the class count, check the labels against it, turn ready.
+
+        Call it on the thread that runs predict_batch: even building the blank input (150k values)
+        starts an OpenMP thread team on the calling thread.
 
         Raises:
-            CheckpointError: the output is not [N, classes].
+            CheckpointError: the output is not [N, classes, ...].
             ConfigError: the labels don't match the class count.
         """
-        probs = self.predict_batch([torch.zeros(self.input_shape)])[0]
+        probs = self.predict_batch([torch.zeros(self.input_shape, dtype=torch.uint8)])[0]
         self.num_classes = probs.shape[-1]
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ConfigError(
@@ -69,7 +70,7 @@ class Predictor:
         self.ready = True
 
     def preprocess(self, data: bytes) -> torch.Tensor:
-        """Decode and transform one image into the model's input tensor.
+        """Decode and transform one image into the model's uint8 input tensor [C, H, W].
 
         Raises:
             InvalidImageError, ImageTooLargeError: see decode_image.
@@ -78,15 +79,17 @@ class Predictor:
         return self.transform(image)
 
     def predict_batch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Forward a list of [C, H, W] tensors as one batch; return one probability vector each, on the CPU.
+        """Forward a list of uint8 [C, H, W] tensors as one batch; return one probability vector each, on the CPU.
 
         Raises:
             CheckpointError: the model's output can't be read as class scores.
         """
         batch = torch.stack(inputs)
         device = self.loaded.device
-        with self._lock, torch.inference_mode():
-            output = self.loaded.module(batch.to(device, non_blocking=device.type == "cuda"))
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        with torch.inference_mode():
+            output = self.loaded.module(self.normalize(batch))
         if isinstance(output, (tuple, list)):
             output = output[0]
         if not isinstance(output, torch.Tensor) or output.ndim < 2 or output.shape[0] != len(inputs):

@@ -66,10 +66,12 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
 
 
 def build_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """Return a function image -> float tensor [C, crop, crop]: resize shorter side, centre crop, normalize."""
+    """Return a function image -> uint8 tensor [C, crop, crop]: resize the shorter side, centre crop.
+
+    It does no float math, so request threads never start torch thread pools; normalize() runs on
+    whole batches in the inference thread (and on the GPU, where the model is).
+    """
     resample = RESAMPLE[spec.interpolation]
-    mean = torch.tensor(spec.mean).mul(255.0).view(-1, 1, 1)
-    std = torch.tensor(spec.std).mul(255.0).view(-1, 1, 1)
     channels = spec.channels
 
     def transform(image: Image.Image) -> torch.Tensor:
@@ -81,7 +83,17 @@ def build_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tenso
         left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
         image = image.crop((left, top, left + spec.crop, top + spec.crop))
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        tensor = pixels.view(spec.crop, spec.crop, channels).permute(2, 0, 1)
-        return tensor.float().sub_(mean).div_(std)
+        return pixels.view(spec.crop, spec.crop, channels).permute(2, 0, 1)
 
     return transform
+
+
+def build_normalizer(spec: PreprocessSpec, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return a function uint8 batch [N, C, H, W] -> float batch, (pixel / 255 - mean) / std, on `device`."""
+    mean = torch.tensor(spec.mean, device=device).mul(255.0).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).mul(255.0).view(1, -1, 1, 1)
+
+    def normalize(batch: torch.Tensor) -> torch.Tensor:
+        return batch.float().sub_(mean).div_(std)
+
+    return normalize

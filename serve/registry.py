@@ -1,10 +1,14 @@
-"""Registry: every configured model loaded, warmed and looked up by name."""
+"""Registry: every configured model loaded, warmed and looked up by name, all run by one Batcher."""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import TimeoutError as FutureTimeout
 
+import torch
+
+from serve.batching import Batcher
 from serve.config import ServeConfig
-from serve.errors import ModelNotFoundError
+from serve.errors import BatchTimeoutError, ModelNotFoundError
 from serve.loader import load_labels, load_model
 from serve.predictor import Predictor
 
@@ -12,11 +16,12 @@ log = logging.getLogger(__name__)
 
 
 class Registry:
-    """The predictors of one ServeConfig, in config order."""
+    """The predictors of one ServeConfig, in config order, and the Batcher whose thread runs them all."""
 
-    def __init__(self, config: ServeConfig, predictors: dict[str, Predictor]):
+    def __init__(self, config: ServeConfig, predictors: dict[str, Predictor], batcher: Batcher):
         self.config = config
         self.predictors = predictors
+        self.batcher = batcher
 
     @classmethod
     def load(cls, config: ServeConfig, names: list[str] | None = None) -> Registry:
@@ -25,14 +30,21 @@ class Registry:
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
-        predictors = {}
-        for spec in config.models:
-            if names is not None and spec.name not in names:
-                continue
-            predictor = Predictor(spec, load_model(spec), load_labels(spec), config.server.max_image_pixels)
-            predictor.warm_up()
-            predictors[spec.name] = predictor
-        return cls(config, predictors)
+        registry = cls(config, {}, Batcher("inference"))
+        try:
+            for spec in config.models:
+                if names is not None and spec.name not in names:
+                    continue
+                # Loading and warm-up run on the batcher's thread too: the only thread doing torch work.
+                loaded = registry.batcher.call(load_model, spec).result()
+                predictor = Predictor(spec, loaded, load_labels(spec), config.server.max_image_pixels)
+                registry.batcher.call(predictor.warm_up).result()
+                registry.batcher.add_lane(spec.name, predictor.predict_batch, spec.max_batch_size, spec.max_delay_ms)
+                registry.predictors[spec.name] = predictor
+        except BaseException:
+            registry.close()
+            raise
+        return registry
 
     @property
     def default_name(self) -> str:
@@ -48,3 +60,21 @@ class Registry:
             return self.predictors[name]
         except KeyError:
             raise ModelNotFoundError(f"no model named '{name}'; models: {sorted(self.predictors)}") from None
+
+    def infer(self, name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run inputs through the model's batcher; return one probability vector each.
+
+        Raises:
+            BatchTimeoutError: no answer within request_timeout_s.
+        """
+        timeout = self.config.server.request_timeout_s
+        futures = self.batcher.submit_many(name, inputs)
+        try:
+            return [future.result(timeout=timeout) for future in futures]
+        except FutureTimeout:
+            for future in futures:
+                future.cancel()
+            raise BatchTimeoutError(f"model '{name}' did not answer within {timeout:g}s; try again") from None
+
+    def close(self) -> None:
+        self.batcher.stop()

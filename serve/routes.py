@@ -56,7 +56,7 @@ def predict(name: str | None = None):
     topk = predictor.check_topk(parse_topk(request, predictor.spec.topk))
     images, many = read_images(request, reg.config.server.max_images_per_request)
     inputs = [preprocess_one(predictor, data, i, len(images)) for i, data in enumerate(images)]
-    results = [predictor.describe(p, topk).to_dict() for p in predictor.predict_batch(inputs)]
+    results = [predictor.describe(p, topk).to_dict() for p in reg.infer(predictor.spec.name, inputs)]
     return jsonify(results if many else results[0])
 
 

@@ -25,9 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_pids(master: int) -> set[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return {int(pid) for pid in children}
+def worker_pids(master: int, expected: int | None = None) -> set[int]:
+    """The master's children; with `expected`, wait (10 s at most) for gunicorn's staggered spawns."""
+    deadline = time.monotonic() + 10
+    while True:
+        pids = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
+        if expected is None or len(pids) == expected or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
 
 
 class Server:
@@ -116,7 +121,7 @@ def test_default_server_metadata_and_workers(default_server):
     assert requests.get(f"{default_server.url}/ping", timeout=5).json() == {"status": "Healthy"}
     meta = requests.get(f"{default_server.url}/models/efficientnet_lite0", timeout=5).json()
     assert meta["num_classes"] == 1000 and meta["device"] == "cpu"
-    assert len(worker_pids(default_server.proc.pid)) == 2
+    assert len(worker_pids(default_server.proc.pid, expected=2)) == 2
 
 
 def test_tiny_answers_exactly_over_http(tiny_server):
@@ -127,7 +132,7 @@ def test_tiny_answers_exactly_over_http(tiny_server):
 
 
 def test_hostile_requests_get_4xx_and_kill_no_worker(tiny_server):
-    before = worker_pids(tiny_server.proc.pid)
+    before = worker_pids(tiny_server.proc.pid, expected=2)
     url = f"{tiny_server.url}/predictions/tiny"
     cases = [
         (dict(data=b"junk", headers={"Content-Type": "image/jpeg"}), 400),

@@ -10,24 +10,27 @@ from PIL import Image
 from conftest import image_bytes
 from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
-from serve.preprocess import build_transform, decode_image
+from serve.preprocess import build_normalizer, build_transform, decode_image
 
 MAX = 50_000_000
 
 
 def test_solid_colour_normalizes_exactly():
     spec = PreprocessSpec(resize=8, crop=8, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
-    tensor = build_transform(spec)(Image.new("RGB", (20, 12), (255, 51, 0)))
-    assert tensor.shape == (3, 8, 8) and tensor.dtype == torch.float32
+    pixels = build_transform(spec)(Image.new("RGB", (20, 12), (255, 51, 0)))
+    assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.uint8
+    batch = build_normalizer(spec)(torch.stack([pixels, pixels]))
+    assert batch.shape == (2, 3, 8, 8) and batch.dtype == torch.float32
     expected = torch.tensor([(255 - 127.5) / 127.5, (51 - 63.75) / 63.75, 0.0])
-    assert torch.allclose(tensor, expected.view(3, 1, 1).expand(3, 8, 8))
+    assert torch.allclose(batch, expected.view(1, 3, 1, 1).expand(2, 3, 8, 8))
 
 
 def test_resize_shorter_side_then_centre_crop():
     image = Image.new("RGB", (30, 10), (255, 0, 0))
     image.paste((0, 255, 0), (10, 0, 20, 10))  # only the middle third is green
-    tensor = build_transform(PreprocessSpec(resize=10, crop=10, mean=(0, 0, 0), std=(1, 1, 1)))(image)
-    assert torch.equal(tensor[1], torch.ones(10, 10)) and torch.equal(tensor[0], torch.zeros(10, 10))
+    pixels = build_transform(PreprocessSpec(resize=10, crop=10))(image)
+    assert torch.equal(pixels[1], torch.full((10, 10), 255, dtype=torch.uint8))
+    assert torch.equal(pixels[0], torch.zeros(10, 10, dtype=torch.uint8))
 
 
 def test_grayscale_model_gets_one_channel():

@@ -1,0 +1,25 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+# The virtual environment lives outside the clone so the ~5.5 GB torch install is made once per machine;
+# every run still calls pip install, so a missing or changed dependency is installed (or fails) here.
+VENV ?= $(HOME)/.cache/serve-venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PY := $(VENV)/bin/python
+
+.PHONY: install serve test check bench
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+
+serve: install
+	$(VENV)/bin/gunicorn -c serve/gunicorn_conf.py "serve.app:create_app()"
+
+test: install
+	$(PY) -m pytest
+
+check: install
+	$(PY) -m serve check
+
+cat.jpg: install
+	$(PY) -c "from skimage import data; from PIL import Image; Image.fromarray(data.chelsea()).save('cat.jpg', quality=95)"
