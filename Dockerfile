@@ -1,0 +1,29 @@
+# The inference server image: the embedded EfficientNet-Lite0 by default, your models through a volume.
+#   CPU (default):  docker build -t torch-serve .
+#   GPU (CUDA):     docker build -t torch-serve:gpu --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+# BASE_IMAGE lets a machine without a registry build from a locally made Python 3.11 image.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SERVE_HOST=0.0.0.0 \
+    PORT=8000 \
+    PYTHONPATH=/srv/user
+
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin serve \
+    && mkdir -p /srv/user && chown serve /srv/user
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
+COPY serve/ serve/
+COPY models/ models/
+
+USER serve
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=2)"
+STOPSIGNAL SIGTERM
+CMD ["gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"]
