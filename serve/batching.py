@@ -44,7 +44,19 @@ class Batcher:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (b := ref()) is not None and b._restart_after_fork())
 
+    @property
+    def pending(self) -> int:
+        """Items submitted and not yet answered (queued, held or in the running batch)."""
+        with self._pending_lock:
+            return self._pending
+
+    def _done(self, _future: Future) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
     def _start(self) -> None:
+        self._pending = 0
+        self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._held: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -77,8 +89,11 @@ class Batcher:
         if self._stopped:
             raise RuntimeError(f"{self.name} is stopped")
         futures = []
+        with self._pending_lock:
+            self._pending += len(items)
         for item in items:
             future: Future = Future()
+            future.add_done_callback(self._done)
             self._queue.put((key, item, future))
             futures.append(future)
         return futures

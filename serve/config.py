@@ -82,11 +82,12 @@ class ServerSettings(_Frozen):
     max_image_pixels: int = Field(50_000_000, gt=0)
     max_images_per_request: int = Field(32, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
+    max_queue: int = Field(64, gt=0, description="images waiting for the model in one worker before 503")
     torch_threads: int | None = Field(None, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     workers: int = Field(1, gt=0)
-    threads: int = Field(4, gt=0)
+    threads: int = Field(128, gt=0, description="request threads per worker; keep above max_queue so overload is shed")
     timeout_s: int = Field(120, gt=0)
     graceful_timeout_s: int = Field(30, gt=0)
     preload: bool | None = None
@@ -122,6 +123,7 @@ SERVER_ENV = {
     "SERVE_MAX_IMAGE_PIXELS": "max_image_pixels",
     "SERVE_MAX_IMAGES_PER_REQUEST": "max_images_per_request",
     "SERVE_REQUEST_TIMEOUT_S": "request_timeout_s",
+    "SERVE_MAX_QUEUE": "max_queue",
     "SERVE_TORCH_THREADS": "torch_threads",
     "SERVE_HOST": "host",
     "PORT": "port",

@@ -73,6 +73,14 @@ class NotReadyError(ServeError):
     code = "not_ready"
 
 
+class OverloadedError(ServeError):
+    """The worker's queue is full: answered at once, with Retry-After, instead of queueing without bound."""
+
+    status = 503
+    code = "overloaded"
+    retry_after_s = 1
+
+
 class BatchTimeoutError(ServeError):
     status = 503
     code = "timeout"
@@ -91,9 +99,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServeError)
     def _serve_error(exc: ServeError):
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.status != 503:
             log.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message)
+        response, status = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 503:
+            response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
+        return response, status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

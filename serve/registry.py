@@ -8,7 +8,7 @@ import torch
 
 from serve.batching import Batcher
 from serve.config import ServeConfig
-from serve.errors import BatchTimeoutError, ModelNotFoundError
+from serve.errors import BatchTimeoutError, ModelNotFoundError, OverloadedError
 from serve.loader import load_labels, load_model
 from serve.predictor import Predictor
 
@@ -60,6 +60,16 @@ class Registry:
             return self.predictors[name]
         except KeyError:
             raise ModelNotFoundError(f"no model named '{name}'; models: {sorted(self.predictors)}") from None
+
+    def admit(self, count: int = 1) -> None:
+        """Refuse work the worker can't start soon: checked before a request's body is even read.
+
+        Raises:
+            OverloadedError: max_queue images are already waiting.
+        """
+        limit = self.config.server.max_queue
+        if self.batcher.pending + count > limit:
+            raise OverloadedError(f"server busy: {self.batcher.pending} images waiting (limit {limit}); retry shortly")
 
     def infer(self, name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run inputs through the model's batcher; return one probability vector each.

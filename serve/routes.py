@@ -54,6 +54,7 @@ def predict(name: str | None = None):
     if not predictor.ready:
         raise NotReadyError(f"model '{predictor.spec.name}' is not ready")
     topk = predictor.check_topk(parse_topk(request, predictor.spec.topk))
+    reg.admit()
     images, many = read_images(request, reg.config.server.max_images_per_request)
     inputs = [preprocess_one(predictor, data, i, len(images)) for i, data in enumerate(images)]
     results = [predictor.describe(p, topk).to_dict() for p in reg.infer(predictor.spec.name, inputs)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -204,3 +205,39 @@ def test_several_models_served_side_by_side(tmp_path, tiny_checkpoint):
     assert answer["model"] == "seed" and len(answer["predictions"]) == 2
     assert client.get("/models/seed").json["num_classes"] == 32
     assert client.post("/predictions/tiny", data=image_bytes(), content_type="image/png").json == expected_answer((255, 0, 0))
+
+
+def test_full_queue_is_shed_at_once_with_retry_after(tiny_checkpoint):
+    import threading
+
+    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": {"max_queue": 2}}))
+    registry = app.extensions["serve"]
+    release = threading.Event()
+    blocker = registry.batcher.call(release.wait, 10)  # occupies the inference thread: 1 pending
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")))
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while registry.batcher.pending < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")
+    assert error(response)[:2] == (503, "overloaded")
+    assert response.headers["Retry-After"] == "1"
+    release.set()
+    waiting.join(10)
+    assert blocker.result(5) is True
+    assert answers[0].status_code == 200 and answers[0].json == expected_answer((255, 0, 0))
+    assert registry.batcher.pending == 0
+
+
+def test_request_deadline_answers_503(tiny_checkpoint):
+    import threading
+
+    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": {"request_timeout_s": 0.05}}))
+    release = threading.Event()
+    app.extensions["serve"].batcher.call(release.wait, 10)
+    response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")
+    release.set()
+    status, code, message = error(response)
+    assert (status, code) == (503, "timeout") and "did not answer within 0.05s" in message
