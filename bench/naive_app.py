@@ -12,7 +12,9 @@ import torchvision.transforms as T
 from flask import Flask, jsonify, request
 from PIL import Image
 
-from serve.loader import build_module  # only to build the same architecture; loading is the tutorial's
+from serve.loader import (
+    build_module,  # only to build the same architecture; loading is the tutorial's
+)
 
 model = build_module(os.environ["BENCH_ARCH"], json.loads(os.environ.get("BENCH_KWARGS", "{}")))
 model.load_state_dict(torch.load(os.environ["BENCH_CHECKPOINT"], map_location="cpu"))

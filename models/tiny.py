@@ -1,6 +1,8 @@
 """Tiny models: TinyNet has outputs a test can compute by hand; TinyCNN is where per-request overhead dominates."""
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -36,3 +38,15 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
+
+
+class SlowNet(TinyNet):
+    """TinyNet whose forward takes at least delay_ms: keeps requests in flight for fault and overload tests."""
+
+    def __init__(self, num_classes: int = 3, in_channels: int = 3, delay_ms: float = 100.0):
+        super().__init__(num_classes, in_channels)
+        self.delay_s = delay_ms / 1000.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return super().forward(x)

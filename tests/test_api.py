@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch
+from conftest import LABELS, expected_probs, image_bytes, tiny_model_config
 from flask import Flask
 
-from conftest import LABELS, expected_probs, image_bytes, tiny_model_config
 from serve.app import create_app
 from serve.config import build_config
 from serve.errors import ConfigError, register_error_handlers

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from conftest import image_bytes, tiny_model_config, tiny_net
+
 from serve.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

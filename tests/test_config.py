@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_model_config
+
 from serve.config import DEFAULT_CONFIG_PATH, build_config, load_config
 from serve.errors import ConfigError
 

@@ -2,75 +2,17 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-
 from conftest import expected_probs, image_bytes, tiny_model_config
+from servers import Server, free_port, worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_pids(master: int, expected: int | None = None) -> set[int]:
-    """The master's children; with `expected`, wait (10 s at most) for gunicorn's staggered spawns."""
-    deadline = time.monotonic() + 10
-    while True:
-        pids = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
-        if expected is None or len(pids) == expected or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.05)
-
-
-class Server:
-    def __init__(self, env: dict[str, str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full_env = {**os.environ, "PORT": str(self.port), "SERVE_HOST": "127.0.0.1", **env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
-            cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )
-        self.started = time.monotonic()
-        self.ready_after_s = self._wait_ready()
-
-    def _wait_ready(self) -> float:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"gunicorn not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +24,8 @@ def default_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    from conftest import tiny_net
     import torch
+    from conftest import tiny_net
 
     folder = tmp_path_factory.mktemp("tiny")
     torch.save({"epoch": 3, "model_state_dict": tiny_net().state_dict()}, folder / "tiny.pth")

@@ -7,14 +7,20 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import tiny_model_config, tiny_net
 from torch import nn
 
-from conftest import tiny_model_config, tiny_net
 from models.seed_fcn import MyModel
 from models.tiny import TinyNet
 from serve.config import build_config
 from serve.errors import CheckpointError, ConfigError, DeviceError
-from serve.loader import build_module, find_state_dict, load_model, read_checkpoint, resolve_device
+from serve.loader import (
+    build_module,
+    find_state_dict,
+    load_model,
+    read_checkpoint,
+    resolve_device,
+)
 
 
 def spec_for(checkpoint, **overrides):

@@ -5,9 +5,9 @@ import io
 
 import pytest
 import torch
+from conftest import image_bytes
 from PIL import Image
 
-from conftest import image_bytes
 from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
 from serve.preprocess import build_normalizer, build_transform, decode_image
