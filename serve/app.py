@@ -9,7 +9,7 @@ from flask import Flask
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
 from serve.registry import Registry
-from serve.routes import bp
+from serve.routes import bp, management
 
 
 def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
@@ -28,5 +28,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["serve"] = registry
     app.register_blueprint(bp)
+    if config.server.enable_management:
+        app.register_blueprint(management)
     register_error_handlers(app)
     return app

@@ -99,6 +99,7 @@ class ServerSettings(_Frozen):
     graceful_timeout_s: int = Field(30, gt=0)
     preload: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    enable_management: bool = Field(False, description="serve POST /models/<name>/reload")
 
 
 class ServeConfig(_Frozen):
@@ -140,6 +141,7 @@ SERVER_ENV = {
     "SERVE_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
     "SERVE_PRELOAD": "preload",
     "SERVE_LOG_LEVEL": "log_level",
+    "SERVE_ENABLE_MANAGEMENT": "enable_management",
 }
 
 

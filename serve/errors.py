@@ -63,6 +63,11 @@ class UnsupportedMediaTypeError(ServeError):
     code = "unsupported_media_type"
 
 
+class ReloadFailedError(ServeError):
+    status = 409
+    code = "reload_failed"
+
+
 class ModelNotFoundError(ServeError):
     status = 404
     code = "model_not_found"

@@ -7,8 +7,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 
 from serve.batching import Batcher
-from serve.config import ServeConfig
-from serve.errors import BatchTimeoutError, ModelNotFoundError, OverloadedError
+from serve.config import ModelSpec, ServeConfig
+from serve.errors import BatchTimeoutError, ModelNotFoundError, OverloadedError, ReloadFailedError, ServeError
 from serve.loader import load_labels, load_model
 from serve.predictor import Predictor
 
@@ -33,18 +33,35 @@ class Registry:
         registry = cls(config, {}, Batcher("inference"))
         try:
             for spec in config.models:
-                if names is not None and spec.name not in names:
-                    continue
-                # Loading and warm-up run on the batcher's thread too: the only thread doing torch work.
-                loaded = registry.batcher.call(load_model, spec).result()
-                predictor = Predictor(spec, loaded, load_labels(spec), config.server.max_image_pixels)
-                registry.batcher.call(predictor.warm_up).result()
-                registry.batcher.add_lane(spec.name, predictor.predict_batch, spec.max_batch_size, spec.max_delay_ms)
-                registry.predictors[spec.name] = predictor
+                if names is None or spec.name in names:
+                    # Loading and warm-up run on the batcher's thread too: the only thread doing torch work.
+                    registry.batcher.call(registry._build_and_install, spec).result()
         except BaseException:
             registry.close()
             raise
         return registry
+
+    def _build_and_install(self, spec: ModelSpec) -> None:
+        """Load and warm up one model, then make it the one served. Runs on the batcher's thread,
+        between batches, so no batch ever sees a half-installed model."""
+        predictor = Predictor(spec, load_model(spec), load_labels(spec), self.config.server.max_image_pixels)
+        predictor.warm_up()
+        self.batcher.add_lane(spec.name, predictor.predict_batch, spec.max_batch_size, spec.max_delay_ms)
+        self.predictors[spec.name] = predictor
+
+    def reload(self, name: str) -> Predictor:
+        """Re-read a model's checkpoint; the new weights replace the old only once loaded and warm.
+
+        Raises:
+            ModelNotFoundError: no model of that name.
+            ReloadFailedError: the file can't be loaded now; the previous weights keep serving.
+        """
+        spec = self.get(name).spec
+        try:
+            self.batcher.call(self._build_and_install, spec).result()
+        except ServeError as exc:
+            raise ReloadFailedError(f"reload failed, still serving the previous weights: {exc.message}") from None
+        return self.predictors[name]
 
     @property
     def default_name(self) -> str:

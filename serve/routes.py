@@ -15,6 +15,7 @@ from serve.predictor import Predictor
 from serve.registry import Registry
 
 bp = Blueprint("serve", __name__)
+management = Blueprint("management", __name__)
 # Bodies taken as raw image bytes; curl --data-binary sends form-urlencoded unless told otherwise.
 RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded", "")
 
@@ -44,6 +45,11 @@ def list_models():
 @bp.get("/models/<name>")
 def describe_model(name: str):
     return jsonify(registry().get(name).metadata())
+
+
+@management.post("/models/<name>/reload")
+def reload_model(name: str):
+    return jsonify(registry().reload(name).metadata())
 
 
 @bp.route("/predictions", methods=["POST", "PUT"])

@@ -241,3 +241,49 @@ def test_request_deadline_answers_503(tiny_checkpoint):
     release.set()
     status, code, message = error(response)
     assert (status, code) == (503, "timeout") and "did not answer within 0.05s" in message
+
+
+def test_reload_is_off_by_default(client):
+    assert error(client.post("/models/tiny/reload"))[:2] == (404, "not_found")
+
+
+def test_reload_swaps_weights_only_when_the_new_file_works(tiny_checkpoint):
+    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": {"enable_management": True}}))
+    client = app.test_client()
+    red = image_bytes((255, 0, 0))
+    old_sha = client.get("/models/tiny").json["checkpoint"]["sha256"]
+
+    flipped = tiny_net_with_weight(torch.eye(3).flip(0) * 2)  # red now scores as "blue"
+    torch.save(flipped.state_dict(), tiny_checkpoint)
+    response = client.post("/models/tiny/reload")
+    assert response.status_code == 200 and response.json["checkpoint"]["sha256"] != old_sha
+    assert client.post("/predictions/tiny", data=red, content_type="image/png").json["predictions"][0]["label"] == "blue"
+
+    data = tiny_checkpoint.read_bytes()
+    tiny_checkpoint.write_bytes(data[: len(data) // 2])  # a copy interrupted half-way
+    status, code, message = error(client.post("/models/tiny/reload"))
+    assert (status, code) == (409, "reload_failed")
+    assert message.startswith("reload failed, still serving the previous weights: model 'tiny': checkpoint")
+    assert "corrupt or truncated" in message
+    assert client.post("/predictions/tiny", data=red, content_type="image/png").json["predictions"][0]["label"] == "blue"
+    assert client.get("/ready").status_code == 200
+
+
+def test_reload_refuses_a_file_that_fails_its_sha256(tiny_checkpoint):
+    from serve.loader import file_sha256
+
+    spec = tiny_model_config(tiny_checkpoint, sha256=file_sha256(tiny_checkpoint))
+    client = create_app(build_config({"models": [spec], "server": {"enable_management": True}})).test_client()
+    torch.save(tiny_net_with_weight(torch.zeros(3, 3)).state_dict(), tiny_checkpoint)
+    status, code, message = error(client.post("/models/tiny/reload"))
+    assert (status, code) == (409, "reload_failed") and "config expects" in message
+    assert client.post("/predictions/tiny", data=image_bytes(), content_type="image/png").json == expected_answer((255, 0, 0))
+
+
+def tiny_net_with_weight(weight):
+    from conftest import tiny_net
+
+    net = tiny_net()
+    with torch.no_grad():
+        net.fc.weight.copy_(weight)
+    return net
