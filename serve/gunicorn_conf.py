@@ -44,6 +44,11 @@ preload_app = _server.preload if _server.preload is not None else not any(
     m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available()) for m in _config.models
 )
 torch_threads = _server.torch_threads or max(1, len(os.sched_getaffinity(0)) // workers)
+# One process per GPU: with several GPUs, no preload and every model on "cuda"/"auto", each worker is
+# pinned to one GPU (CUDA_VISIBLE_DEVICES), taking the lowest slot free; a respawned worker takes its
+# predecessor's. Run WEB_CONCURRENCY = number of GPUs.
+gpu_count = torch.cuda.device_count() if not preload_app else 0
+pin_gpus = gpu_count > 1 and all(m.device in ("cuda", "auto") for m in _config.models)
 
 logging.basicConfig(
     level=loglevel.upper(), stream=sys.stderr, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -52,6 +57,15 @@ if preload_app:
     torch.set_num_threads(1)
 
 
+def pre_fork(server, worker):
+    if pin_gpus:
+        taken = {getattr(w, "gpu_slot", None) for w in server.WORKERS.values()}
+        worker.gpu_slot = min(set(range(gpu_count)) - taken, default=len(taken) % gpu_count)
+
+
 def post_fork(server, worker):
+    if pin_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.gpu_slot)
+        server.log.info("worker %s: GPU %d", worker.pid, worker.gpu_slot)
     torch.set_num_threads(torch_threads)
     server.log.info("worker %s: %d torch threads, preload=%s", worker.pid, torch_threads, preload_app)

@@ -285,6 +285,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             skipped = load_weights(module, weights, spec.strict)
         del obj, weights
         module = module.to(device).eval()
+        if spec.half and device.type == "cuda":
+            module = module.half()
+        elif spec.half:
+            log.warning("model '%s': half is ignored on the CPU", spec.name)
+        if spec.channels_last:
+            module = module.to(memory_format=torch.channels_last)
     except (ConfigError, CheckpointError, DeviceError) as exc:
         message = exc.message if exc.message.startswith("model '") else f"model '{spec.name}': {exc.message}"
         raise type(exc)(message) from None

@@ -334,3 +334,34 @@ def test_pickle_error_is_not_mistaken_for_corruption(tmp_path):
     with pytest.raises(CheckpointError):
         load(path)
     assert not (tmp_path / "x").exists()
+
+
+def test_channels_last_answers_like_contiguous_and_half_is_ignored_on_cpu(tmp_path):
+    from serve.predictor import Predictor
+
+    path = tmp_path / "seed.pth"
+    torch.save(MyModel().state_dict(), path)
+    spec = dict(architecture="models.seed_fcn:MyModel", kwargs={}, labels=None, preprocess={"resize": 64, "crop": 64})
+    x = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    plain = spec_for(path, **spec)
+    nhwc = spec_for(path, channels_last=True, half=True, **spec)
+    loaded = load_model(nhwc)
+    assert loaded.module.fully_conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert loaded.module.fully_conv[0].weight.dtype == torch.float32
+    expected = Predictor(plain, load_model(plain), None, 10**8).predict_batch([x])[0]
+    assert torch.allclose(Predictor(nhwc, loaded, None, 10**8).predict_batch([x])[0], expected, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_half_on_gpu_answers_like_float32(tmp_path):
+    from serve.predictor import Predictor
+
+    path = tmp_path / "seed.pth"
+    torch.save(MyModel().state_dict(), path)
+    spec = dict(architecture="models.seed_fcn:MyModel", kwargs={}, labels=None, preprocess={"resize": 64, "crop": 64})
+    x = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    probs = []
+    for half in (False, True):
+        s = spec_for(path, device="cuda", half=half, channels_last=half, **spec)
+        probs.append(Predictor(s, load_model(s), None, 10**8).predict_batch([x])[0])
+    assert torch.allclose(probs[0], probs[1], atol=1e-2)
