@@ -25,6 +25,8 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     registry = Registry.load(config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_upload_bytes
+    # Parsing costs per part: cap the parts near the image limit (werkzeug's default is 1000).
+    app.config["MAX_FORM_PARTS"] = config.server.max_images_per_request + 16
     app.json.sort_keys = False
     app.extensions["serve"] = registry
     app.register_blueprint(bp)

@@ -8,7 +8,13 @@ import torch
 
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
-from serve.errors import BatchTimeoutError, ModelNotFoundError, OverloadedError, ReloadFailedError, ServeError
+from serve.errors import (
+    BatchTimeoutError,
+    ModelNotFoundError,
+    OverloadedError,
+    ReloadFailedError,
+    ServeError,
+)
 from serve.loader import load_labels, load_model
 from serve.predictor import Predictor
 

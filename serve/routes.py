@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from flask import Blueprint, Request, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from serve.errors import (
     InvalidRequestError,
@@ -88,7 +89,13 @@ def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
     """
     mimetype = req.mimetype
     if mimetype == "multipart/form-data":
-        files = [f for key in req.files for f in req.files.getlist(key)]
+        try:
+            files = [f for key in req.files for f in req.files.getlist(key)]
+        except RequestEntityTooLarge:
+            if req.content_length is None or req.content_length > current_app.config["MAX_CONTENT_LENGTH"]:
+                raise
+            # Within the byte limit, so it was the part count (MAX_FORM_PARTS) that ran out.
+            raise TooManyImagesError(f"more parts in the multipart body than {limit} images allow") from None
         if not files:
             raise InvalidRequestError("multipart request holds no file; send the image as a file field (-F image=@cat.jpg)")
         if len(files) > limit:
@@ -96,6 +103,10 @@ def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
         return [f.read() for f in files], len(files) > 1
     if mimetype.startswith("image/") or mimetype in RAW_TYPES:
         data = req.get_data(cache=False)
+        limit_bytes = current_app.config["MAX_CONTENT_LENGTH"]
+        if req.content_length is None and len(data) >= limit_bytes and req.input_stream.read(1):
+            # A chunked body has no Content-Length: werkzeug stops at the limit without saying so.
+            raise RequestEntityTooLarge()
         if not data:
             raise InvalidRequestError("the request body is empty; send image bytes or multipart/form-data")
         return [data], False

@@ -11,7 +11,6 @@ import pytest
 import requests
 import torch
 import yaml
-
 from conftest import image_bytes, tiny_model_config, tiny_net
 from servers import Server, worker_pids
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from conftest import image_bytes
@@ -111,3 +112,22 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_broken_data_is_an_invalid_image(data, needle):
     with pytest.raises(InvalidImageError, match=needle):
         decode_image(data, MAX)
+
+
+def test_extreme_aspect_ratio_resizes_only_the_crop():
+    spec = PreprocessSpec()  # 256 / 224: a 20000 x 1 sliver would become 5,120,000 x 256 if resized whole
+    sliver = Image.new("RGB", (20_000, 1), (0, 128, 255))
+    pixels = build_transform(spec)(sliver)
+    assert pixels.shape == (3, 224, 224)
+    assert pixels[:, 100, 100].tolist() == [0, 128, 255]
+
+
+def test_crop_box_resize_matches_resize_then_crop():
+    rng = torch.Generator().manual_seed(0)
+    array = torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8, generator=rng).numpy()
+    image = Image.fromarray(array)
+    spec = PreprocessSpec(resize=256, crop=224)
+    expected = image.resize((341, 256), Image.Resampling.BILINEAR, reducing_gap=3.0).crop((58, 16, 282, 240))
+    got = build_transform(spec)(image).permute(1, 2, 0).numpy()
+    diff = abs(got.astype(int) - np.asarray(expected).astype(int))
+    assert diff.mean() < 2.0

@@ -1,0 +1,145 @@
+"""The hostile request corpus (tools/hostile_corpus.py) against one real gunicorn with the default config.
+
+Every case must get exactly its expected status (errors: the JSON error shape with the expected
+code; 200s: predictions), no case may get a 500 or kill a worker, and the server must still be
+ready afterwards. The EXIF case must be read upright: the same top-1 label as the upright photo.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from servers import Server, worker_pids
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "efficientnet_lite0"
+WORKERS = 2
+REQUEST_TIMEOUT_S = 30
+
+
+def _import_corpus():
+    spec = importlib.util.spec_from_file_location("hostile_corpus", ROOT / "tools" / "hostile_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+hostile_corpus = _import_corpus()
+
+
+@dataclass
+class Outcome:
+    status: int | None
+    body: Any
+    seconds: float
+    error: str | None = None  # the client-side exception, when no answer came back
+
+    def describe(self) -> str:
+        if self.error:
+            return f"no answer after {self.seconds:.1f}s: {self.error}"
+        return f"{self.status} {str(self.body)[:300]} ({self.seconds:.2f}s)"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> dict[str, Any]:
+    return {case.name: case for case in hostile_corpus.build_corpus()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # The default config: no SERVE_* overrides from the caller's environment, CPU, two workers.
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("SERVE_") or k in ("PORT", "WEB_CONCURRENCY")]:
+            mp.delenv(key)
+        server = Server({"WEB_CONCURRENCY": str(WORKERS), "SERVE_DEVICE": "cpu"},
+                        tmp_path_factory.mktemp("hostile") / "gunicorn.log")
+    server.workers_before = worker_pids(server.proc.pid, expected=WORKERS)
+    server.outcomes = {}
+    yield server
+    server.stop()
+
+
+def send(server, case) -> Outcome:
+    """POST one case (once per server; later calls reuse the answer)."""
+    if case.name in server.outcomes:
+        return server.outcomes[case.name]
+    timeout = min(REQUEST_TIMEOUT_S, case.max_seconds or REQUEST_TIMEOUT_S)
+    started = time.monotonic()
+    try:
+        response = requests.post(case.url(server.url, MODEL), timeout=timeout, **case.request_kwargs())
+    except requests.RequestException as exc:
+        outcome = Outcome(None, None, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+    else:
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text[:500]
+        outcome = Outcome(response.status_code, body, time.monotonic() - started)
+    server.outcomes[case.name] = outcome
+    return outcome
+
+
+def top1(outcome: Outcome) -> str:
+    return outcome.body["predictions"][0]["label"]
+
+
+def check_predictions(answer: Any) -> None:
+    assert isinstance(answer, dict) and answer.get("model") == MODEL, answer
+    predictions = answer.get("predictions")
+    assert isinstance(predictions, list) and predictions, answer
+    for p in predictions:
+        assert set(p) == {"label", "index", "probability"} and 0.0 <= p["probability"] <= 1.0, p
+
+
+@pytest.mark.parametrize("name", hostile_corpus.case_names())
+def test_case(server, corpus, name):
+    case = corpus[name]
+    outcome = send(server, case)
+    expected = f"{case.status} {case.code or ''}".strip()
+    assert outcome.error is None, f"{name}: expected {expected}, {outcome.describe()}"
+    assert outcome.status != 500, f"{name}: server error: {outcome.describe()}"
+    assert outcome.status == case.status, f"{name}: expected {expected}, got {outcome.describe()}"
+    if case.status != 200:
+        error = outcome.body.get("error") if isinstance(outcome.body, dict) else None
+        assert isinstance(error, dict) and set(error) == {"code", "message"}, f"{name}: not the error shape: {outcome.describe()}"
+        assert error["code"] == case.code, f"{name}: expected code {case.code}, got {outcome.describe()}"
+        assert isinstance(error["message"], str) and error["message"], outcome.describe()
+        return
+    if case.results is not None:
+        assert isinstance(outcome.body, list) and len(outcome.body) == case.results, outcome.describe()
+        for answer in outcome.body:
+            check_predictions(answer)
+    else:
+        check_predictions(outcome.body)
+    if case.max_seconds is not None:
+        assert outcome.seconds <= case.max_seconds, f"{name}: took {outcome.seconds:.1f}s (limit {case.max_seconds}s)"
+    if case.same_top1_as:
+        reference = send(server, corpus[case.same_top1_as])
+        assert reference.status == 200, reference.describe()
+        assert top1(outcome) == top1(reference), (
+            f"{name}: top-1 {top1(outcome)!r}, but the upright {case.same_top1_as} is {top1(reference)!r}"
+        )
+    if case.different_top1_from:
+        reference = send(server, corpus[case.different_top1_from])
+        assert reference.status == 200, reference.describe()
+        assert top1(outcome) != top1(reference), (
+            f"{name}: orientation should change the answer, but both say {top1(outcome)!r}"
+        )
+
+
+def test_corpus_left_every_worker_alive_and_the_server_ready(server):
+    """Runs after every case (pytest keeps file order): no 500s, the same worker PIDs, /ready answers 200."""
+    server_errors = {n: o.describe() for n, o in server.outcomes.items() if o.status is not None and o.status >= 500}
+    assert not server_errors, server_errors
+    assert worker_pids(server.proc.pid) == server.workers_before, "a worker died or was replaced during the corpus"
+    ready = requests.get(f"{server.url}/ready", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert requests.get(f"{server.url}/ping", timeout=10).json() == {"status": "Healthy"}
