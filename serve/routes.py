@@ -94,7 +94,10 @@ def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
         except RequestEntityTooLarge:
             if req.content_length is None or req.content_length > current_app.config["MAX_CONTENT_LENGTH"]:
                 raise
-            # Within the byte limit, so it was the part count (MAX_FORM_PARTS) that ran out.
+            # Within the byte limit, so it was the part count (MAX_FORM_PARTS) that ran out. Read the
+            # rest of the body, so the keep-alive connection is left at the next request's start.
+            while req.input_stream.read(1 << 16):
+                pass
             raise TooManyImagesError(f"more parts in the multipart body than {limit} images allow") from None
         if not files:
             raise InvalidRequestError("multipart request holds no file; send the image as a file field (-F image=@cat.jpg)")
