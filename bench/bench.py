@@ -173,7 +173,9 @@ class Gunicorn:
 
 def start_ours(config: Path, workers: int, log: Path, extra_env: dict | None = None) -> Gunicorn:
     port = free_port()
-    env = {"SERVE_CONFIG": str(config), "PORT": str(port), "WEB_CONCURRENCY": str(workers), **(extra_env or {})}
+    env = {"SERVE_CONFIG": str(config), "PORT": str(port), **(extra_env or {})}
+    if workers:
+        env["WEB_CONCURRENCY"] = str(workers)
     return Gunicorn(["-c", "serve/gunicorn_conf.py", "serve.app:create_app()"], env, port, _ready, log)
 
 
@@ -206,13 +208,13 @@ def closed_loop(port: int, path: str, body_file: Path, concurrency: int, seconds
     env = {**os.environ, "BENCH_BODY": str(body_file)}
 
     def wrk(duration: float) -> dict:
-        cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "post.lua"), url]
+        cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "post.lua"), url]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60).stdout
         return json.loads(out.split("BENCH ", 1)[1])
 
     if warmup:
         wrk(warmup)
-    r = wrk(seconds)
+    r = wrk(seconds)  # wrk takes whole seconds
     ok = r["requests"] - r["non_2xx"]
     return {"concurrency": concurrency, "requests": r["requests"],
             "requests_per_s": round(ok / (r["duration_us"] / 1e6), 1),
@@ -373,7 +375,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "resnet18", "tiny_cnn"])
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--workers", type=int, default=1, help="gunicorn workers, for both servers")
+    parser.add_argument("--workers", type=int, default=CORES, help="gunicorn workers, for both servers "
+                        "(default: one per core, the server's own default)")
     parser.add_argument("--skip-extras", action="store_true", help="skip the memory and large-photo measurements")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()

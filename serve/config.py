@@ -95,7 +95,7 @@ class ServerSettings(_Frozen):
     torch_threads: int | None = Field(None, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    workers: int = Field(1, gt=0)
+    workers: int | None = Field(None, gt=0, description="default: one per core (CPU), one per GPU (CUDA)")
     threads: int = Field(128, gt=0, description="request threads per worker; keep above max_queue so overload is shed")
     timeout_s: int = Field(120, gt=0)
     graceful_timeout_s: int = Field(30, gt=0)

@@ -8,7 +8,6 @@ GNU OpenMP's thread pool does not survive fork(), and a worker using a pool its 
 hangs. Each worker then sets its own intra-op thread count so workers x threads fits the cores.
 CUDA can't be initialised before fork, so with a GPU model every worker loads its own copy.
 """
-import ctypes
 import logging
 import os
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from serve.config import load_config
 from serve.errors import ConfigError
+from serve.memory import limit_arenas
 
 try:
     _config = load_config()
@@ -25,7 +25,6 @@ except ConfigError as exc:
 _server = _config.server
 
 bind = f"{_server.host}:{_server.port}"
-workers = _server.workers
 worker_class = "gthread"
 threads = _server.threads
 timeout = _server.timeout_s
@@ -44,29 +43,19 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 preload_app = _server.preload if _server.preload is not None else not any(
     m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available()) for m in _config.models
 )
-torch_threads = _server.torch_threads or max(1, len(os.sched_getaffinity(0)) // workers)
+cpus = len(os.sched_getaffinity(0))
 # One process per GPU: with several GPUs, no preload and every model on "cuda"/"auto", each worker is
 # pinned to one GPU (CUDA_VISIBLE_DEVICES), taking the lowest slot free; a respawned worker takes its
-# predecessor's. Run WEB_CONCURRENCY = number of GPUs.
+# predecessor's.
 gpu_count = torch.cuda.device_count() if not preload_app else 0
 pin_gpus = gpu_count > 1 and all(m.device in ("cuda", "auto") for m in _config.models)
+# CPU: a worker per core; they share the cores batch by batch (serve/cores.py). GPU: one per GPU.
+workers = _server.workers or (cpus if preload_app else max(1, gpu_count))
+# A fixed SERVE_TORCH_THREADS pins every worker's intra-op threads instead of sharing.
+torch_threads = _server.torch_threads
 
 
-
-def _tame_malloc() -> None:
-    """Give big buffers back to the OS: decoded photos are tens of MB each, and glibc's default
-    (a moving mmap threshold, an arena per thread) kept them: a soak with hostile images grew each
-    worker from 0.45 to 1.5 GB RSS in 20 s; with these two settings it stays at 0.46 GB."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_mmap_threshold, m_arena_max = -3, -8
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    libc.mallopt(m_arena_max, 2)
-
-
-_tame_malloc()
+limit_arenas(2)
 logging.basicConfig(
     level=loglevel.upper(), stream=sys.stderr, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 )
@@ -84,5 +73,7 @@ def post_fork(server, worker):
     if pin_gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.gpu_slot)
         server.log.info("worker %s: GPU %d", worker.pid, worker.gpu_slot)
-    torch.set_num_threads(torch_threads)
-    server.log.info("worker %s: %d torch threads, preload=%s", worker.pid, torch_threads, preload_app)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    threads_note = torch_threads or f"up to {cpus} (shared)"
+    server.log.info("worker %s: torch threads %s, preload=%s", worker.pid, threads_note, preload_app)

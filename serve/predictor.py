@@ -8,6 +8,7 @@ import torch
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, InvalidRequestError
 from serve.loader import LoadedModel
+from serve.memory import release_after
 from serve.preprocess import build_normalizer, build_transform, decode_image
 
 
@@ -76,7 +77,11 @@ class Predictor:
             InvalidImageError, ImageTooLargeError: see decode_image.
         """
         image = decode_image(data, self.max_pixels, self.spec.preprocess.mode, min_side=self.spec.preprocess.resize)
-        return self.transform(image)
+        pixels = image.width * image.height
+        tensor = self.transform(image)
+        del image
+        release_after(pixels)
+        return tensor
 
     def predict_batch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Forward a list of uint8 [C, H, W] tensors as one batch; return one probability vector each, on the CPU.

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 import torch
 
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
+from serve.cores import CoreShare
 from serve.errors import (
     BatchTimeoutError,
     ModelNotFoundError,
@@ -24,10 +27,13 @@ log = logging.getLogger(__name__)
 class Registry:
     """The predictors of one ServeConfig, in config order, and the Batcher whose thread runs them all."""
 
-    def __init__(self, config: ServeConfig, predictors: dict[str, Predictor], batcher: Batcher):
+    def __init__(self, config: ServeConfig, predictors: dict[str, Predictor], batcher: Batcher,
+                 cores: CoreShare | None = None):
         self.config = config
         self.predictors = predictors
         self.batcher = batcher
+        # With no fixed torch_threads, CPU batches take their share of the cores when they run.
+        self.cores = cores
 
     @classmethod
     def load(cls, config: ServeConfig, names: list[str] | None = None) -> Registry:
@@ -36,7 +42,8 @@ class Registry:
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
-        registry = cls(config, {}, Batcher("inference"))
+        cores = None if config.server.torch_threads else CoreShare(len(os.sched_getaffinity(0)))
+        registry = cls(config, {}, Batcher("inference"), cores)
         try:
             for spec in config.models:
                 if names is None or spec.name in names:
@@ -52,8 +59,15 @@ class Registry:
         between batches, so no batch ever sees a half-installed model."""
         predictor = Predictor(spec, load_model(spec), load_labels(spec), self.config.server.max_image_pixels)
         predictor.warm_up()
-        self.batcher.add_lane(spec.name, predictor.predict_batch, spec.max_batch_size, spec.max_delay_ms)
+        run = predictor.predict_batch
+        if self.cores is not None and predictor.loaded.device.type == "cpu":
+            run = partial(self._run_on_shared_cores, predictor.predict_batch)
+        self.batcher.add_lane(spec.name, run, spec.max_batch_size, spec.max_delay_ms)
         self.predictors[spec.name] = predictor
+
+    def _run_on_shared_cores(self, predict_batch, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with self.cores.share():
+            return predict_batch(inputs)
 
     def reload(self, name: str) -> Predictor:
         """Re-read a model's checkpoint; the new weights replace the old only once loaded and warm.
