@@ -5,7 +5,7 @@ VENV ?= $(HOME)/.cache/serve-venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
 
-.PHONY: install serve test check bench
+.PHONY: install serve test check bench soak wrk
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
@@ -23,3 +23,14 @@ check: install
 
 cat.jpg: install
 	$(PY) -c "from skimage import data; from PIL import Image; Image.fromarray(data.chelsea()).save('cat.jpg', quality=95)"
+
+# Benchmarks (not part of the tests): wrk is Debian's HTTP load generator.
+wrk:
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+bench: install wrk
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PY) bench/bench.py
+
+soak: install
+	$(PY) bench/soak.py

@@ -106,7 +106,7 @@ def limit_child(args) -> None:
 
 
 def measure_limit(model: dict, image: Path, batch: int, procs: int, threads: int, seconds: float) -> dict:
-    start_at = time.time() + 12  # every process has loaded its model by then
+    start_at = time.time() + 8  # every process has loaded its model by then
     cmd = [sys.executable, __file__, "_limit", "--spec", json.dumps(model), "--image", str(image),
            "--batch", str(batch), "--threads", str(threads), "--seconds", str(seconds), "--start-at", str(start_at)]
     children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(procs)]
@@ -132,7 +132,7 @@ class Gunicorn:
         """Start gunicorn and wait (2 minutes at most) until ready(port) is true."""
         self.port = port
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", *args], cwd=ROOT, env={**os.environ, **env},
-                                     stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                                     stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while not ready(port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -161,6 +161,22 @@ class Gunicorn:
                 elif line.startswith("Rss:"):
                     rss += int(line.split()[1])
         return {"pss_mb": round(pss / 1024), "rss_mb": round(rss / 1024)}
+
+    def wait_idle(self, limit_s: float = 60) -> float:
+        """Wait until the server's processes use under 5 % of a core: a step's backlog must not run
+        into the next step (a collapsed server keeps working long after its clients are gone)."""
+        started = time.monotonic()
+        while time.monotonic() - started < limit_s:
+            before = self.cpu_seconds()
+            time.sleep(0.5)
+            if self.cpu_seconds() - before < 0.025:
+                break
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        """SIGKILL the master and its workers at once (a process group): no backlog survives."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -220,10 +236,24 @@ def closed_loop(port: int, path: str, body_file: Path, concurrency: int, seconds
             "requests_per_s": round(ok / (r["duration_us"] / 1e6), 1),
             "p50_ms": round(r["p50_us"] / 1000, 1), "p95_ms": round(r["p95_us"] / 1000, 1),
             "p99_ms": round(r["p99_us"] / 1000, 1), "max_ms": round(r["max_us"] / 1000, 1),
-            "errors": r["non_2xx"] + r["socket_errors"] + r["timeouts"]}
+            "errors": r["non_2xx"] + r["socket_errors"] + r["timeouts"],
+            "non_2xx": r["non_2xx"], "socket_errors": r["socket_errors"], "timeouts": r["timeouts"]}
 
 
 # ---------------------------------------------------------------- the run
+
+
+def settle(server: Gunicorn, base: Gunicorn, model: dict, workers: int, log: Path) -> Gunicorn:
+    """Let a server finish what wrk left behind before the next step; return the (maybe new) baseline.
+
+    A collapsed baseline would work through its backlog for minutes, stealing the CPU from the next
+    step: it is killed and started afresh instead.
+    """
+    if server.wait_idle(10) < 10 or server is not base:
+        server.wait_idle(50)
+        return base
+    base.kill()
+    return start_baseline(model, workers, log)
 
 
 def write_config(path: Path, model: dict, name: str) -> Path:
@@ -238,6 +268,7 @@ def write_config(path: Path, model: dict, name: str) -> Path:
 
 def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    print(f"logs in {workdir}")
     models = model_table(workdir)
     image = workdir / "photo.jpg"
     image.write_bytes(photo_jpeg())
@@ -259,16 +290,21 @@ def run(args) -> dict:
         base = start_baseline(model, args.workers, workdir / f"{name}-base.log")
         steps = []
         for i, c in enumerate(args.levels):
-            order = [("server", ours, f"/predictions/{name}"), ("baseline", base, "/predict")]
+            order = [("server", f"/predictions/{name}"), ("baseline", "/predict")]
             pair = {}
-            for label, server, path in (order if i % 2 == 0 else order[::-1]):
+            for label, path in (order if i % 2 == 0 else order[::-1]):
+                server = ours if label == "server" else base
                 closed_loop(server.port, path, image, c, 1.0, warmup=0)
+                base = settle(server, base, model, args.workers, workdir / f"{name}-base.log")
+                server = ours if label == "server" else base
                 cpu = server.cpu_seconds()
                 result = closed_loop(server.port, path, image, c, args.seconds, warmup=0)
                 result["cpu_ms_per_request"] = round(1000 * (server.cpu_seconds() - cpu) / max(result["requests"], 1), 2)
+                base = settle(server, base, model, args.workers, workdir / f"{name}-base.log")
                 pair[label] = result
                 print(f"{label:8} c={c:3}: {result['requests_per_s']:7.1f} req/s  p50 {result['p50_ms']} ms  "
-                      f"p99 {result['p99_ms']} ms  errors {result['errors']}  cpu/req {result['cpu_ms_per_request']} ms",
+                      f"p99 {result['p99_ms']} ms  errors {result['errors']} (non-2xx {result['non_2xx']}, socket "
+                      f"{result['socket_errors']}, timeouts {result['timeouts']})  cpu/req {result['cpu_ms_per_request']} ms",
                       flush=True)
             steps.append(pair)
         ours.stop()

@@ -72,7 +72,7 @@ class ModelSpec(_Frozen):
     topk: int = Field(5, gt=0)
     preprocess: PreprocessSpec = PreprocessSpec()
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    max_batch_size: int = Field(8, gt=0, description="most images one forward pass takes")
+    max_batch_size: int = Field(4, gt=0, description="most images one forward pass takes")
     max_delay_ms: float = Field(0.0, ge=0, description="longest a batch waits for more images; 0 = take what is queued")
     half: bool = Field(False, description="float16 weights and inputs on a GPU (ignored on the CPU)")
     channels_last: bool = Field(False, description="NHWC memory format for weights and inputs")

@@ -53,7 +53,9 @@ def tiny_config(tiny_checkpoint):
 
 @pytest.fixture
 def app(tiny_config):
-    return create_app(tiny_config)
+    app = create_app(tiny_config)
+    yield app
+    app.extensions["serve"].close()
 
 
 @pytest.fixture
