@@ -8,6 +8,7 @@ GNU OpenMP's thread pool does not survive fork(), and a worker using a pool its 
 hangs. Each worker then sets its own intra-op thread count so workers x threads fits the cores.
 CUDA can't be initialised before fork, so with a GPU model every worker loads its own copy.
 """
+import gc
 import logging
 import os
 import sys
@@ -64,6 +65,9 @@ if preload_app:
 
 
 def pre_fork(server, worker):
+    # Everything loaded so far lives as long as the process: keep it out of the collector's scans
+    # (and its pages shared copy-on-write, which a collection would touch).
+    gc.freeze()
     if pin_gpus:
         taken = {getattr(w, "gpu_slot", None) for w in server.WORKERS.values()}
         worker.gpu_slot = min(set(range(gpu_count)) - taken, default=len(taken) % gpu_count)
