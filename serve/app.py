@@ -6,8 +6,10 @@ from typing import Any
 
 from flask import Flask
 
+from serve.access import register_request_hooks
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
+from serve.metrics import Metrics
 from serve.registry import Registry
 from serve.routes import bp, management
 
@@ -22,15 +24,18 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
         config = load_config()
     elif not isinstance(config, ServeConfig):
         config = build_config(config)
-    registry = Registry.load(config)
+    metrics = Metrics()
+    registry = Registry.load(config, metrics=metrics)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_upload_bytes
     # Parsing costs per part: cap the parts near the image limit (werkzeug's default is 1000).
     app.config["MAX_FORM_PARTS"] = config.server.max_images_per_request + 16
     app.json.sort_keys = False
     app.extensions["serve"] = registry
+    app.extensions["serve.metrics"] = metrics
     app.register_blueprint(bp)
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)
+    register_request_hooks(app, metrics, registry.default_name)
     return app

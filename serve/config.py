@@ -101,6 +101,7 @@ class ServerSettings(_Frozen):
     graceful_timeout_s: int = Field(30, gt=0)
     preload: bool | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="the server's own logs; access lines are always JSON")
     enable_management: bool = Field(False, description="serve POST /models/<name>/reload")
 
 
@@ -143,6 +144,7 @@ SERVER_ENV = {
     "SERVE_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
     "SERVE_PRELOAD": "preload",
     "SERVE_LOG_LEVEL": "log_level",
+    "SERVE_LOG_FORMAT": "log_format",
     "SERVE_ENABLE_MANAGEMENT": "enable_management",
 }
 

@@ -8,10 +8,12 @@ GNU OpenMP's thread pool does not survive fork(), and a worker using a pool its 
 hangs. Each worker then sets its own intra-op thread count so workers x threads fits the cores.
 CUDA can't be initialised before fork, so with a GPU model every worker loads its own copy.
 """
+import atexit
 import gc
-import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -36,9 +38,32 @@ control_socket_disable = True
 # Heartbeat files in memory: works on a read-only root filesystem and never blocks on a slow disk.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 loglevel = _server.log_level
-accesslog = "-"
 errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+accesslog = None  # the app writes one JSON line per request (logger serve.access) instead
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "text": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"},
+        "json": {"()": "serve.access.JsonFormatter"},
+        "bare": {"format": "%(message)s"},
+    },
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": _server.log_format},
+        "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "bare"},
+    },
+    "root": {"level": loglevel.upper(), "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["stderr"], "propagate": False},
+        "serve.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+    },
+}
+# Prometheus multiprocess mode: every worker writes its values under one directory that /metrics
+# aggregates; it must be set before prometheus_client is first imported (the app, loaded later).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="serve-metrics-")
+    _master_pid = os.getpid()
+    atexit.register(lambda: os.getpid() == _master_pid and shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], True))
 # NVML answers "is there a GPU" without initialising CUDA in the master, which would break forked workers.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 preload_app = _server.preload if _server.preload is not None else not any(
@@ -57,9 +82,6 @@ torch_threads = _server.torch_threads
 
 
 limit_arenas(2)
-logging.basicConfig(
-    level=loglevel.upper(), stream=sys.stderr, format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
-)
 if preload_app:
     torch.set_num_threads(1)
 
@@ -81,3 +103,9 @@ def post_fork(server, worker):
         torch.set_num_threads(torch_threads)
     threads_note = torch_threads or f"up to {cpus} (shared)"
     server.log.info("worker %s: torch threads %s, preload=%s", worker.pid, threads_note, preload_app)
+
+
+def child_exit(server, worker):
+    from serve.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)

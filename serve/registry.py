@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 
 import torch
 
+from serve.access import BATCH_SIZE
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
 from serve.cores import CoreShare
+from serve.metrics import Metrics
 from serve.errors import (
     BatchTimeoutError,
     ModelNotFoundError,
@@ -28,22 +31,23 @@ class Registry:
     """The predictors of one ServeConfig, in config order, and the Batcher whose thread runs them all."""
 
     def __init__(self, config: ServeConfig, predictors: dict[str, Predictor], batcher: Batcher,
-                 cores: CoreShare | None = None):
+                 cores: CoreShare | None = None, metrics: Metrics | None = None):
         self.config = config
         self.predictors = predictors
         self.batcher = batcher
         # With no fixed torch_threads, CPU batches take their share of the cores when they run.
         self.cores = cores
+        self.metrics = metrics
 
     @classmethod
-    def load(cls, config: ServeConfig, names: list[str] | None = None) -> Registry:
+    def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None) -> Registry:
         """Load and warm up every model (or those named); any failure stops here, so nothing half-loaded is served.
 
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
         cores = None if config.server.torch_threads else CoreShare(len(os.sched_getaffinity(0)))
-        registry = cls(config, {}, Batcher("inference"), cores)
+        registry = cls(config, {}, Batcher("inference"), cores, metrics)
         try:
             for spec in config.models:
                 if names is None or spec.name in names:
@@ -59,15 +63,25 @@ class Registry:
         between batches, so no batch ever sees a half-installed model."""
         predictor = Predictor(spec, load_model(spec), load_labels(spec), self.config.server.max_image_pixels)
         predictor.warm_up()
-        run = predictor.predict_batch
-        if self.cores is not None and predictor.loaded.device.type == "cpu":
-            run = partial(self._run_on_shared_cores, predictor.predict_batch)
+        run = partial(self._run_batch, predictor)
         self.batcher.add_lane(spec.name, run, spec.max_batch_size, spec.max_delay_ms)
         self.predictors[spec.name] = predictor
+        if self.metrics is not None:
+            self.metrics.load_seconds.labels(spec.name).set(predictor.loaded.load_time_s)
 
-    def _run_on_shared_cores(self, predict_batch, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        with self.cores.share():
-            return predict_batch(inputs)
+    def _run_batch(self, predictor: Predictor, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        """One batch on the batcher's thread: CPU batches take their share of the cores; each result
+        carries the batch's size back to its request."""
+        started = time.perf_counter()
+        if self.cores is not None and predictor.loaded.device.type == "cpu":
+            with self.cores.share():
+                probs = predictor.predict_batch(inputs)
+        else:
+            probs = predictor.predict_batch(inputs)
+        if self.metrics is not None:
+            waiting = self.batcher.pending - len(inputs)  # this batch's futures are not resolved yet
+            self.metrics.observe_batch(predictor.spec.name, len(inputs), time.perf_counter() - started, waiting)
+        return [(p, len(inputs)) for p in probs]
 
     def reload(self, name: str) -> Predictor:
         """Re-read a model's checkpoint; the new weights replace the old only once loaded and warm.
@@ -117,11 +131,13 @@ class Registry:
         timeout = self.config.server.request_timeout_s
         futures = self.batcher.submit_many(name, inputs)
         try:
-            return [future.result(timeout=timeout) for future in futures]
+            results = [future.result(timeout=timeout) for future in futures]
         except FutureTimeout:
             for future in futures:
                 future.cancel()
             raise BatchTimeoutError(f"model '{name}' did not answer within {timeout:g}s; try again") from None
+        BATCH_SIZE.set(max(size for _, size in results))
+        return [probs for probs, _ in results]
 
     def close(self) -> None:
         self.batcher.stop()

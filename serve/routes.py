@@ -38,6 +38,12 @@ def ready():
     return jsonify(status="ready", models=list(reg.predictors))
 
 
+@bp.get("/metrics")
+def metrics():
+    body, content_type = current_app.extensions["serve.metrics"].render()
+    return body, 200, {"Content-Type": content_type}
+
+
 @bp.get("/models")
 def list_models():
     return jsonify(models=[p.metadata() for p in registry().predictors.values()])
