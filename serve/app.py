@@ -10,6 +10,7 @@ from serve.access import register_request_hooks
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
 from serve.metrics import Metrics
+from serve.openapi import build_openapi
 from serve.registry import Registry
 from serve.routes import bp, management
 
@@ -33,6 +34,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["serve"] = registry
     app.extensions["serve.metrics"] = metrics
+    app.extensions["serve.openapi"] = build_openapi(registry)
     app.register_blueprint(bp)
     if config.server.enable_management:
         app.register_blueprint(management)

@@ -44,6 +44,11 @@ def metrics():
     return body, 200, {"Content-Type": content_type}
 
 
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(current_app.extensions["serve.openapi"])
+
+
 @bp.get("/models")
 def list_models():
     return jsonify(models=[p.metadata() for p in registry().predictors.values()])

@@ -1,0 +1,112 @@
+"""The OpenAPI 3 document of every route, with the loaded model names as the path enum."""
+from __future__ import annotations
+
+from typing import Any
+
+from serve.registry import Registry
+
+VERSION = "0.1.0"
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict:
+    return _json({"$ref": "#/components/schemas/Error"}, description)
+
+
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}},
+                "additionalProperties": {"type": "string", "format": "binary"},
+            }
+        },
+    },
+}
+PREDICTION_RESPONSES = {
+    "200": {"description": "one answer per image; a list when several files were sent",
+            "content": {"application/json": {"schema": {"oneOf": [
+                {"$ref": "#/components/schemas/Prediction"},
+                {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}},
+            ]}}}},
+    "400": _error("undecodable image or bad request"),
+    "404": _error("unknown model"),
+    "413": _error("body, pixels or files over the limits"),
+    "415": _error("not an image content type"),
+    "503": _error("not ready, overloaded (with Retry-After) or timed out"),
+}
+
+
+def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The document for this server's routes; `extra_paths` adds blueprints' own (the V2 protocol)."""
+    names = list(registry.predictors)
+    classes = min((p.num_classes or 1) for p in registry.predictors.values()) if names else 1
+    topk = {"name": "topk", "in": "query", "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": classes},
+            "description": "number of classes to answer (1..the model's class count)"}
+    model_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
+    predict = {"requestBody": IMAGE_BODY, "responses": PREDICTION_RESPONSES, "parameters": [topk]}
+    paths: dict[str, Any] = {
+        "/ping": {"get": {"summary": "Liveness", "responses": {"200": _json(
+            {"type": "object", "properties": {"status": {"const": "Healthy"}}, "required": ["status"]})}}},
+        "/ready": {"get": {"summary": "Readiness: every model loaded and warm", "responses": {
+            "200": _json({"type": "object", "properties": {"status": {"const": "ready"},
+                          "models": {"type": "array", "items": {"type": "string"}}}, "required": ["status", "models"]}),
+            "503": _error("still loading")}}},
+        "/models": {"get": {"summary": "Metadata of every model", "responses": {"200": _json(
+            {"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}},
+             "required": ["models"]})}}},
+        "/models/{name}": {"get": {"summary": "Metadata of one model", "parameters": [model_param],
+                                   "responses": {"200": _json({"$ref": "#/components/schemas/Model"}),
+                                                 "404": _error("unknown model")}}},
+        "/predictions": {"post": {"summary": "Classify with the first model", **predict},
+                         "put": {"summary": "Classify with the first model", **predict}},
+        "/predictions/{name}": {
+            "post": {"summary": "Classify one or more images", **predict, "parameters": [model_param, topk]},
+            "put": {"summary": "Classify one or more images", **predict, "parameters": [model_param, topk]},
+        },
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "exposition text", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
+    }
+    paths.update(extra_paths or {})
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "torch-serve", "version": VERSION,
+                 "description": "PyTorch image classification: TorchServe-style routes and the Open Inference Protocol (V2)."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS},
+    }
+
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+    "Prediction": {"type": "object", "required": ["model", "predictions"], "properties": {
+        "model": {"type": "string"},
+        "predictions": {"type": "array", "items": {"type": "object", "required": ["label", "index", "probability"],
+                        "properties": {"label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+                                       "probability": {"type": "number", "minimum": 0, "maximum": 1}}}}}},
+    "Model": {"type": "object", "required": ["name", "architecture", "device", "ready", "input", "num_classes",
+                                             "num_labels", "topk", "checkpoint", "load_time_s"], "properties": {
+        "name": {"type": "string"}, "architecture": {"type": "string"}, "device": {"type": "string"},
+        "ready": {"type": "boolean"},
+        "input": {"type": "object", "required": ["shape", "mode"], "properties": {
+            "shape": {"type": "array", "items": {"type": "integer"}}, "mode": {"type": "string", "enum": ["RGB", "L"]},
+            "resize": {"type": "integer"}, "crop": {"type": "integer"},
+            "mean": {"type": "array", "items": {"type": "number"}}, "std": {"type": "array", "items": {"type": "number"}},
+            "interpolation": {"type": "string"}}},
+        "num_classes": {"type": "integer", "nullable": True}, "num_labels": {"type": "integer"},
+        "topk": {"type": "integer"},
+        "checkpoint": {"type": "object", "properties": {"file": {"type": "string"}, "sha256": {"type": "string"},
+                       "layout": {"type": "string"}, "skipped_keys": {"type": "integer"}}},
+        "load_time_s": {"type": "number"}}},
+}
