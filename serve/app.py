@@ -10,9 +10,10 @@ from serve.access import register_request_hooks
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
 from serve.metrics import Metrics
-from serve.openapi import build_openapi
+from serve.openapi import build_openapi, v2_paths
 from serve.registry import Registry
 from serve.routes import bp, management
+from serve.v2 import v2
 
 
 def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
@@ -34,8 +35,9 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["serve"] = registry
     app.extensions["serve.metrics"] = metrics
-    app.extensions["serve.openapi"] = build_openapi(registry)
+    app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.predictors)))
     app.register_blueprint(bp)
+    app.register_blueprint(v2)
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)

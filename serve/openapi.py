@@ -110,3 +110,72 @@ SCHEMAS = {
                        "layout": {"type": "string"}, "skipped_keys": {"type": "integer"}}},
         "load_time_s": {"type": "number"}}},
 }
+
+
+def _v2_error(description: str) -> dict:
+    return _json({"$ref": "#/components/schemas/V2Error"}, description)
+
+
+def v2_paths(names: list[str]) -> dict[str, Any]:
+    """The Open Inference Protocol (KServe V2) REST routes that serve/v2.py answers."""
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    tensor_meta = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+        "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}}}
+    metadata = {"summary": "Model metadata", "responses": {
+        "200": _json({"type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"], "properties": {
+            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"}, "inputs": {"type": "array", "items": tensor_meta},
+            "outputs": {"type": "array", "items": tensor_meta}}}),
+        "404": _v2_error("unknown model or version")}}
+    ready = {"summary": "Model readiness", "responses": {
+        "200": _json({"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}),
+        "404": _v2_error("unknown model or version"), "503": _json({"type": "object"}, "not ready")}}
+    infer = {"summary": "Inference: FP32 [N,C,H,W] tensor 'input' or BYTES [N] encoded images 'image'; "
+                        "JSON or the binary tensor extension (Inference-Header-Content-Length)",
+             "requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+             "responses": {
+                 "200": {"description": "outputs (JSON, or JSON header + binary tensors)", "content": {
+                     "application/json": {"schema": {"$ref": "#/components/schemas/V2InferResponse"}},
+                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                 "400": _v2_error("malformed request, wrong shape or datatype, undecodable image"),
+                 "404": _v2_error("unknown model or version"),
+                 "413": _v2_error("body or image over the limits"),
+                 "415": _v2_error("unknown Content-Encoding"),
+                 "503": _v2_error("not ready, overloaded or timed out")}}
+    return {
+        "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {"200": _json(
+            {"type": "object", "properties": {"live": {"type": "boolean"}}})}}},
+        "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {
+            "200": _json({"type": "object", "properties": {"ready": {"type": "boolean"}}}),
+            "503": _json({"type": "object", "properties": {"ready": {"type": "boolean"}}}, "not ready")}}},
+        "/v2": {"get": {"summary": "Server metadata", "responses": {"200": _json({
+            "type": "object", "required": ["name", "version", "extensions"], "properties": {
+                "name": {"type": "string"}, "version": {"type": "string"},
+                "extensions": {"type": "array", "items": {"type": "string"}}}})}}},
+        "/v2/models/{name}": {"get": {**metadata, "parameters": [name]}},
+        "/v2/models/{name}/versions/{version}": {"get": {**metadata, "parameters": [name, version]}},
+        "/v2/models/{name}/ready": {"get": {**ready, "parameters": [name]}},
+        "/v2/models/{name}/versions/{version}/ready": {"get": {**ready, "parameters": [name, version]}},
+        "/v2/models/{name}/infer": {"post": {**infer, "parameters": [name]}},
+        "/v2/models/{name}/versions/{version}/infer": {"post": {**infer, "parameters": [name, version]}},
+    }
+
+
+V2_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "datatype": {"type": "string"}, "parameters": {"type": "object"},
+    "data": {"type": "array", "items": {}}}}
+SCHEMAS.update({
+    "V2Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": V2_TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"}, "parameters": {"type": "object"}}}}}},
+    "V2InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+        "parameters": {"type": "object"}, "outputs": {"type": "array", "items": V2_TENSOR}}},
+})
