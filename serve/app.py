@@ -12,6 +12,7 @@ from serve.errors import register_error_handlers
 from serve.metrics import Metrics
 from serve.openapi import build_openapi, v2_paths
 from serve.registry import Registry
+from serve.page import page
 from serve.routes import bp, management
 from serve.v2 import v2
 
@@ -28,7 +29,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
         config = build_config(config)
     metrics = Metrics()
     registry = Registry.load(config, metrics=metrics)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the page blueprint serves serve/static itself
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_upload_bytes
     # Parsing costs per part: cap the parts near the image limit (werkzeug's default is 1000).
     app.config["MAX_FORM_PARTS"] = config.server.max_images_per_request + 16
@@ -38,6 +39,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.predictors)))
     app.register_blueprint(bp)
     app.register_blueprint(v2)
+    app.register_blueprint(page)
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)

@@ -54,6 +54,8 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None)
     model_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
     predict = {"requestBody": IMAGE_BODY, "responses": PREDICTION_RESPONSES, "parameters": [topk]}
     paths: dict[str, Any] = {
+        "/": {"get": {"summary": "The web page: drop a photo, see the top-k", "responses": {"200": {
+            "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/ping": {"get": {"summary": "Liveness", "responses": {"200": _json(
             {"type": "object", "properties": {"status": {"const": "Healthy"}}, "required": ["status"]})}}},
         "/ready": {"get": {"summary": "Readiness: every model loaded and warm", "responses": {

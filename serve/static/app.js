@@ -1,0 +1,342 @@
+// The page's behaviour: load the models, take an image (picker, camera, drop, paste), ask the server,
+// draw the answer. No libraries, no build step; every request goes to this server (relative URLs, so
+// the page also works behind a reverse proxy under a path prefix).
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const main = $("main");
+  const modelSelect = $("model");
+  const topkInput = $("topk");
+  const modelInfo = $("model-info");
+  const fileInput = $("file");
+  const cameraInput = $("camera");
+  const dropzone = $("dropzone");
+  const preview = $("preview");
+  const noPreview = $("no-preview");
+  const dropHint = $("drop-hint");
+  const fileInfo = $("file-info");
+  const statusLine = $("status");
+  const errorBox = $("error");
+  const errorMessage = $("error-message");
+  const errorDetail = $("error-detail");
+  const results = $("results");
+  const latency = $("latency");
+
+  let models = [];
+  let currentFile = null;
+  let previewUrl = null;
+  let requestSeq = 0;
+  let inFlight = null;
+
+  function percent(p) {
+    const pct = p * 100;
+    if (pct >= 1) return pct.toFixed(1) + "%";
+    return pct >= 0.005 ? pct.toFixed(2) + "%" : "<0.01%";
+  }
+
+  function formatBytes(n) {
+    if (n < 1024) return n + " B";
+    if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
+    return (n / 1024 / 1024).toFixed(1) + " MB";
+  }
+
+  function formatMs(ms) {
+    return ms < 10 ? ms.toFixed(1) + " ms" : Math.round(ms) + " ms";
+  }
+
+  function setState(state, text) {
+    main.dataset.state = state;
+    main.setAttribute("aria-busy", state === "loading" ? "true" : "false");
+    statusLine.textContent = text || "";
+    statusLine.hidden = !text;
+  }
+
+  function showError(message, detail) {
+    errorMessage.textContent = message;
+    errorDetail.textContent = detail || "";
+    errorDetail.hidden = !detail;
+    errorBox.hidden = false;
+    results.hidden = true;
+    results.replaceChildren();
+    latency.hidden = true;
+  }
+
+  function clearError() {
+    errorBox.hidden = true;
+    errorMessage.textContent = "";
+    errorDetail.textContent = "";
+  }
+
+  // Errors from the API always read {"error": {"code", "message"}}; anything else gets words too.
+  async function readError(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (_) {
+      /* not JSON: a proxy's HTML page, say */
+    }
+    const err = body && body.error;
+    if (err && err.message) {
+      const message = err.message.charAt(0).toUpperCase() + err.message.slice(1);
+      return { message, detail: `${err.code || "error"} · HTTP ${response.status}` };
+    }
+    return {
+      message: `The server answered HTTP ${response.status} ${response.statusText || ""}`.trim() + ".",
+      detail: "",
+    };
+  }
+
+  // ---- models ----------------------------------------------------------------------------------
+
+  function describeModel(m) {
+    if (!m) return "";
+    const parts = [];
+    if (m.num_classes) parts.push(`${m.num_classes.toLocaleString()} classes`);
+    if (m.input && m.input.shape) parts.push(`input ${m.input.shape.join("×")}`);
+    if (m.device) parts.push(`on ${m.device}`);
+    if (m.ready === false) parts.push("still loading");
+    return parts.join(" · ");
+  }
+
+  function selectedModel() {
+    return models.find((m) => m.name === modelSelect.value);
+  }
+
+  function onModelChange() {
+    const m = selectedModel();
+    modelInfo.textContent = describeModel(m);
+    modelInfo.title = m ? m.architecture : "";
+    if (m) {
+      topkInput.max = String(m.num_classes || 100);
+      topkInput.value = String(m.topk || 5);
+    }
+    if (currentFile) classify(currentFile);
+  }
+
+  async function loadModels() {
+    try {
+      const response = await fetch("models", { headers: { Accept: "application/json" } });
+      if (!response.ok) {
+        const { message } = await readError(response);
+        throw new Error(message);
+      }
+      models = (await response.json()).models || [];
+    } catch (e) {
+      modelSelect.replaceChildren(new Option("No models"));
+      setState("error", "");
+      showError(`Could not load the list of models: ${e.message}`, "GET /models");
+      return;
+    }
+    modelSelect.replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+    modelSelect.disabled = models.length === 0;
+    if (models.length === 0) {
+      showError("This server has no models.", "");
+      return;
+    }
+    onModelChange();
+  }
+
+  // ---- image input ----------------------------------------------------------------------------
+
+  function showPreview(file) {
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(file);
+    dropHint.hidden = true;
+    noPreview.hidden = true;
+    dropzone.classList.add("has-file");
+    preview.hidden = false;
+    preview.alt = `Preview of ${file.name || "the pasted image"}`;
+    preview.src = previewUrl;
+    const kind = file.type || "unknown type";
+    fileInfo.textContent = `${file.name || "pasted image"} · ${formatBytes(file.size)} · ${kind}`;
+  }
+
+  preview.addEventListener("load", () => {
+    fileInfo.textContent += ` · ${preview.naturalWidth}×${preview.naturalHeight}`;
+  });
+  preview.addEventListener("error", () => {
+    // Not an image, or a format the browser can't draw (TIFF): the server may still read it.
+    if (!preview.getAttribute("src")) return;
+    preview.hidden = true;
+    noPreview.hidden = false;
+  });
+
+  function takeFile(file) {
+    if (!file) return;
+    currentFile = file;
+    showPreview(file);
+    classify(file);
+  }
+
+  function firstFile(list) {
+    return list && list.length ? list[0] : null;
+  }
+
+  for (const input of [fileInput, cameraInput]) {
+    input.addEventListener("change", () => {
+      takeFile(firstFile(input.files));
+      input.value = ""; // choosing the same file again fires change again
+    });
+  }
+  $("choose").addEventListener("click", () => fileInput.click());
+  $("take").addEventListener("click", () => cameraInput.click());
+
+  // Drop anywhere on the page; outside the page's handler the browser would open the file instead.
+  let dragDepth = 0;
+  document.addEventListener("dragenter", (e) => {
+    if (!e.dataTransfer || !Array.from(e.dataTransfer.types).includes("Files")) return;
+    e.preventDefault();
+    dragDepth += 1;
+    dropzone.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) dropzone.classList.remove("dragging");
+  });
+  document.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    if (e.dataTransfer) e.dataTransfer.dropEffect = "copy";
+  });
+  document.addEventListener("drop", (e) => {
+    e.preventDefault();
+    dragDepth = 0;
+    dropzone.classList.remove("dragging");
+    takeFile(firstFile(e.dataTransfer && e.dataTransfer.files));
+  });
+
+  document.addEventListener("paste", (e) => {
+    const data = e.clipboardData;
+    if (!data) return;
+    let file = firstFile(data.files);
+    if (!file) {
+      const item = Array.from(data.items || []).find((i) => i.kind === "file");
+      file = item ? item.getAsFile() : null;
+    }
+    if (!file) return; // a text paste into the results field, say: leave it alone
+    e.preventDefault();
+    takeFile(file);
+  });
+
+  modelSelect.addEventListener("change", onModelChange);
+  topkInput.addEventListener("change", () => {
+    if (currentFile) classify(currentFile);
+  });
+
+  // ---- prediction -----------------------------------------------------------------------------
+
+  function topk() {
+    const n = parseInt(topkInput.value, 10);
+    const max = parseInt(topkInput.max, 10) || 100;
+    if (!Number.isFinite(n) || n < 1) return 1;
+    return Math.min(n, max);
+  }
+
+  // Time to first byte of the answer, from the browser's Resource Timing: server time plus one trip.
+  function serverTime(url) {
+    const entries = performance.getEntriesByName(url, "resource");
+    const entry = entries[entries.length - 1];
+    performance.clearResourceTimings();
+    if (!entry || !entry.responseStart || !entry.requestStart) return null;
+    return entry.responseStart - entry.requestStart;
+  }
+
+  async function classify(file) {
+    const m = selectedModel();
+    if (!m) return;
+    if (inFlight) inFlight.abort();
+    const controller = new AbortController();
+    inFlight = controller;
+    const seq = ++requestSeq;
+
+    clearError();
+    setState("loading", `Asking ${m.name}…`);
+    results.classList.add("stale");
+    latency.hidden = true;
+
+    const form = new FormData();
+    form.append("image", file, file.name || "image");
+    const url = new URL(`predictions/${encodeURIComponent(m.name)}?topk=${topk()}`, document.baseURI).href;
+
+    const started = performance.now();
+    let response;
+    let body;
+    try {
+      response = await fetch(url, { method: "POST", body: form, signal: controller.signal });
+      if (response.ok) body = await response.json();
+    } catch (e) {
+      if (e.name === "AbortError" || seq !== requestSeq) return;
+      results.classList.remove("stale");
+      setState("error", "");
+      showError(`Could not reach the server: ${e.message}.`, "");
+      return;
+    }
+    const elapsed = performance.now() - started;
+    if (seq !== requestSeq) return; // a newer image or setting replaced this one
+    inFlight = null;
+    results.classList.remove("stale");
+
+    if (!response.ok) {
+      const { message, detail } = await readError(response);
+      setState("error", "");
+      showError(message, detail);
+      revealAnswer();
+      return;
+    }
+    renderResults(body, elapsed, serverTime(url));
+    revealAnswer();
+  }
+
+  // In one column (phones) the answer is below the image: bring it into view.
+  function revealAnswer() {
+    const panel = document.querySelector(".output-panel");
+    const rect = panel.getBoundingClientRect();
+    if (rect.top > window.innerHeight - 80 || rect.bottom < 0) panel.scrollIntoView({ block: "start" });
+  }
+
+  function renderResults(body, elapsed, server) {
+    const predictions = (body && body.predictions) || [];
+    const top = predictions.length ? predictions[0].probability : 1;
+    const items = predictions.map((p, i) => {
+      const li = document.createElement("li");
+      li.className = "prediction" + (i === 0 ? " top" : "");
+
+      const row = document.createElement("div");
+      row.className = "prediction-row";
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = p.label != null ? p.label : `class ${p.index}`;
+      label.title = `class index ${p.index}`;
+      const prob = document.createElement("span");
+      prob.className = "probability";
+      prob.textContent = percent(p.probability);
+      row.append(label, prob);
+
+      const track = document.createElement("div");
+      track.className = "bar";
+      track.setAttribute("aria-hidden", "true");
+      const fill = document.createElement("div");
+      fill.className = "bar-fill";
+      // Absolute probability: a bar is the share of 100 %, so different answers compare at a glance.
+      fill.style.width = Math.max(0.5, p.probability * 100).toFixed(2) + "%";
+      track.append(fill);
+
+      li.append(row, track);
+      return li;
+    });
+    results.replaceChildren(...items);
+    results.hidden = items.length === 0;
+
+    let text = `Answered in ${formatMs(elapsed)}`;
+    if (server != null) text += ` · server ≈ ${formatMs(server)}`;
+    latency.textContent = text;
+    latency.title = "Measured in this browser: from sending the image to the parsed answer" +
+      (server != null ? "; server: time to the answer's first byte" : "");
+    latency.hidden = false;
+
+    const best = predictions[0];
+    setState("done", best ? `Most likely: ${best.label} (${percent(top)}).` : "The model gave no answer.");
+  }
+
+  loadModels();
+})();
