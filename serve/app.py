@@ -11,8 +11,8 @@ from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
 from serve.metrics import Metrics
 from serve.openapi import build_openapi, v2_paths
-from serve.registry import Registry
 from serve.page import page
+from serve.registry import Registry
 from serve.routes import bp, management
 from serve.v2 import v2
 

@@ -90,12 +90,21 @@ class Predictor:
             CheckpointError: the model's output can't be read as class scores.
         """
         batch = torch.stack(inputs)
-        device = self.loaded.device
-        if device.type == "cuda":
+        if self.loaded.device.type == "cuda":
             # uint8 crosses the bus (4x less than float32), from pinned memory, without blocking.
-            batch = batch.pin_memory().to(device, non_blocking=True)
+            batch = batch.pin_memory().to(self.loaded.device, non_blocking=True)
         with torch.inference_mode():
-            x = self.normalize(batch)
+            return self.forward(self.normalize(batch))
+
+    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Forward an already normalized float batch [N, C, H, W]; return one probability vector each, on the CPU.
+
+        Raises:
+            CheckpointError: the model's output can't be read as class scores.
+        """
+        device = self.loaded.device
+        with torch.inference_mode():
+            x = batch.to(device)
             if self.spec.half and device.type == "cuda":
                 x = x.half()
             if self.spec.channels_last:
@@ -103,14 +112,13 @@ class Predictor:
             output = self.loaded.module(x)
         if isinstance(output, (tuple, list)):
             output = output[0]
-        if not isinstance(output, torch.Tensor) or output.ndim < 2 or output.shape[0] != len(inputs):
+        if not isinstance(output, torch.Tensor) or output.ndim < 2 or output.shape[0] != len(batch):
             shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise CheckpointError(f"model '{self.spec.name}' output {shape} is not [batch, classes, ...]")
         if output.ndim > 2:
             # Fully convolutional nets end in a score map: average it spatially into class scores.
             output = output.flatten(2).mean(-1)
-        probs = output.float().softmax(-1).cpu()
-        return list(probs)
+        return list(output.float().softmax(-1).cpu())
 
     def describe(self, probs: torch.Tensor, k: int | None = None) -> Prediction:
         """Turn one probability vector into the top-k labelled classes."""

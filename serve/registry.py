@@ -13,7 +13,6 @@ from serve.access import BATCH_SIZE
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
 from serve.cores import CoreShare
-from serve.metrics import Metrics
 from serve.errors import (
     BatchTimeoutError,
     ModelNotFoundError,
@@ -22,6 +21,7 @@ from serve.errors import (
     ServeError,
 )
 from serve.loader import load_labels, load_model
+from serve.metrics import Metrics
 from serve.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -63,25 +63,49 @@ class Registry:
         between batches, so no batch ever sees a half-installed model."""
         predictor = Predictor(spec, load_model(spec), load_labels(spec), self.config.server.max_image_pixels)
         predictor.warm_up()
-        run = partial(self._run_batch, predictor)
-        self.batcher.add_lane(spec.name, run, spec.max_batch_size, spec.max_delay_ms)
+        self.batcher.add_lane(spec.name, partial(self._run_lane, predictor), spec.max_batch_size, spec.max_delay_ms)
         self.predictors[spec.name] = predictor
         if self.metrics is not None:
             self.metrics.load_seconds.labels(spec.name).set(predictor.loaded.load_time_s)
 
-    def _run_batch(self, predictor: Predictor, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        """One batch on the batcher's thread: CPU batches take their share of the cores; each result
-        carries the batch's size back to its request."""
+    def _run_lane(self, predictor: Predictor, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        """A gathered batch of uint8 images; each result carries the batch's size back to its request."""
+        return [(p, len(inputs)) for p in self._run(predictor, predictor.predict_batch, inputs)]
+
+    def _run(self, predictor: Predictor, forward, batch) -> list[torch.Tensor]:
+        """One forward on the batcher's thread: CPU batches take their share of the cores; metrics kept."""
         started = time.perf_counter()
         if self.cores is not None and predictor.loaded.device.type == "cpu":
             with self.cores.share():
-                probs = predictor.predict_batch(inputs)
+                probs = forward(batch)
         else:
-            probs = predictor.predict_batch(inputs)
+            probs = forward(batch)
         if self.metrics is not None:
-            waiting = self.batcher.pending - len(inputs)  # this batch's futures are not resolved yet
-            self.metrics.observe_batch(predictor.spec.name, len(inputs), time.perf_counter() - started, waiting)
-        return [(p, len(inputs)) for p in probs]
+            waiting = self.batcher.pending - len(batch)  # this batch's futures are not resolved yet
+            self.metrics.observe_batch(predictor.spec.name, len(batch), time.perf_counter() - started, waiting)
+        return probs
+
+    def forward_tensor(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Run an already preprocessed float batch [N, C, H, W] as one forward, on the batcher's thread.
+
+        Raises:
+            BatchTimeoutError: no answer within request_timeout_s.
+            CheckpointError: the model's output can't be read as class scores.
+        """
+        predictor = self.get(name)
+        future = self.batcher.call(self._run, predictor, predictor.forward, batch)
+        probs = self._wait([future], name)[0]
+        BATCH_SIZE.set(len(batch))
+        return probs
+
+    def _wait(self, futures: list, name: str) -> list:
+        timeout = self.config.server.request_timeout_s
+        try:
+            return [future.result(timeout=timeout) for future in futures]
+        except FutureTimeout:
+            for future in futures:
+                future.cancel()
+            raise BatchTimeoutError(f"model '{name}' did not answer within {timeout:g}s; try again") from None
 
     def reload(self, name: str) -> Predictor:
         """Re-read a model's checkpoint; the new weights replace the old only once loaded and warm.
@@ -128,14 +152,7 @@ class Registry:
         Raises:
             BatchTimeoutError: no answer within request_timeout_s.
         """
-        timeout = self.config.server.request_timeout_s
-        futures = self.batcher.submit_many(name, inputs)
-        try:
-            results = [future.result(timeout=timeout) for future in futures]
-        except FutureTimeout:
-            for future in futures:
-                future.cancel()
-            raise BatchTimeoutError(f"model '{name}' did not answer within {timeout:g}s; try again") from None
+        results = self._wait(self.batcher.submit_many(name, inputs), name)
         BATCH_SIZE.set(max(size for _, size in results))
         return [probs for probs, _ in results]
 

@@ -50,9 +50,7 @@ import json
 import logging
 import math
 import struct
-import time
 import zlib
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,10 +64,7 @@ from werkzeug.exceptions import (
     RequestEntityTooLarge,
 )
 
-from serve.access import BATCH_SIZE
 from serve.errors import (
-    BatchTimeoutError,
-    CheckpointError,
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
@@ -465,55 +460,13 @@ def image_elements(name: str, count: int, data: Any, raw: bytes | None) -> list[
 
 
 def forward_float(reg: Registry, predictor: Predictor, batch: torch.Tensor) -> np.ndarray:
-    """Run an already-preprocessed float batch [N, C, H, W] on the batcher's thread; return probabilities [N, classes].
+    """Run an already-preprocessed float batch [N, C, H, W]; return probabilities [N, classes].
 
     Raises:
         BatchTimeoutError: no answer within request_timeout_s.
         CheckpointError: the model's output can't be read as class scores.
     """
-    timeout = reg.config.server.request_timeout_s
-    future = reg.batcher.call(_run_float, reg, predictor, batch)
-    try:
-        probs = future.result(timeout=timeout)
-    except FutureTimeout:
-        future.cancel()
-        raise BatchTimeoutError(f"model '{predictor.spec.name}' did not answer within {timeout:g}s; try again") from None
-    BATCH_SIZE.set(len(probs))  # for the access log line, as Registry.infer does
-    return probs
-
-
-def _run_float(reg: Registry, predictor: Predictor, batch: torch.Tensor) -> np.ndarray:
-    """On the batcher's thread: the cores shared and the batch metrics kept as Registry._run_batch does."""
-    started = time.perf_counter()
-    if reg.cores is not None and predictor.loaded.device.type == "cpu":
-        with reg.cores.share():
-            probs = _forward(predictor, batch)
-    else:
-        probs = _forward(predictor, batch)
-    if reg.metrics is not None:
-        waiting = reg.batcher.pending - 1  # this call's own future is not resolved yet
-        reg.metrics.observe_batch(predictor.spec.name, len(batch), time.perf_counter() - started, waiting)
-    return probs
-
-
-def _forward(predictor: Predictor, batch: torch.Tensor) -> np.ndarray:
-    """Predictor.predict_batch without the normalisation: the input is the model's float input already."""
-    device = predictor.loaded.device
-    with torch.inference_mode():
-        x = batch.to(device)
-        if predictor.spec.half and device.type == "cuda":
-            x = x.half()
-        if predictor.spec.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        output = predictor.loaded.module(x)
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if not isinstance(output, torch.Tensor) or output.ndim < 2 or output.shape[0] != len(batch):
-            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise CheckpointError(f"model '{predictor.spec.name}' output {shape} is not [batch, classes, ...]")
-        if output.ndim > 2:
-            output = output.flatten(2).mean(-1)
-        return output.float().softmax(-1).cpu().numpy()
+    return torch.stack(reg.forward_tensor(predictor.spec.name, batch)).numpy()
 
 
 def render_output(name: str, out: RequestedOutput, probs: np.ndarray, predictor: Predictor) -> tuple[dict, Any]:
