@@ -1,10 +1,29 @@
 """CoreShare: the CPU cores split between the workers that are running a batch right now."""
 from __future__ import annotations
 
+import math
 import multiprocessing
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+
+def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's
+    CPU limit), which os.sched_getaffinity doesn't see: a 2-CPU pod on a 64-core node has 2."""
+    cores = len(os.sched_getaffinity(0))
+    for quota_file, period_file in ((f"{cgroup}/cpu.max", None),  # cgroup v2: "quota period"
+                                    (f"{cgroup}/cpu/cpu.cfs_quota_us", f"{cgroup}/cpu/cpu.cfs_period_us")):
+        try:
+            text = Path(quota_file).read_text().split()
+            quota, period = (text[0], text[1]) if period_file is None else (text[0], Path(period_file).read_text())
+            if quota not in ("max", "-1"):
+                return max(1, min(cores, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError, IndexError):
+            continue
+    return cores
 
 
 class CoreShare:

@@ -18,6 +18,7 @@ import tempfile
 import torch
 
 from serve.config import load_config
+from serve.cores import available_cores
 from serve.errors import ConfigError
 from serve.memory import limit_arenas
 
@@ -69,7 +70,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 preload_app = _server.preload if _server.preload is not None else not any(
     m.device.startswith("cuda") or (m.device == "auto" and torch.cuda.is_available()) for m in _config.models
 )
-cpus = len(os.sched_getaffinity(0))
+cpus = available_cores()  # affinity, capped by a container's CPU limit
 # One process per GPU: with several GPUs, no preload and every model on "cuda"/"auto", each worker is
 # pinned to one GPU (CUDA_VISIBLE_DEVICES), taking the lowest slot free; a respawned worker takes its
 # predecessor's.

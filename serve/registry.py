@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -12,7 +11,7 @@ import torch
 from serve.access import BATCH_SIZE
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
-from serve.cores import CoreShare
+from serve.cores import CoreShare, available_cores
 from serve.errors import (
     BatchTimeoutError,
     ModelNotFoundError,
@@ -46,7 +45,7 @@ class Registry:
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
-        cores = None if config.server.torch_threads else CoreShare(len(os.sched_getaffinity(0)))
+        cores = None if config.server.torch_threads else CoreShare(available_cores())
         registry = cls(config, {}, Batcher("inference"), cores, metrics)
         try:
             for spec in config.models:
