@@ -14,7 +14,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/srv/user
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin serve \
-    && mkdir -p /srv/user && chown serve /srv/user
+    && mkdir -p /srv/user && chown serve /srv/user \
+    && python3 -m venv /opt/venv
+# A virtual environment: works on the slim image and on a Debian base whose Python is
+# "externally managed" (PEP 668) alike.
+ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
