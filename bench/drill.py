@@ -45,6 +45,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from servers import wait_ready  # noqa: E402
+
 NGINX = "/usr/sbin/nginx"
 START_TIMEOUT_S = 120
 IMAGE_COLOR = (0, 255, 0)  # tiny_net answers "green" first for it
@@ -187,19 +189,7 @@ class Replica:
 
     def wait_ready(self) -> float:
         """Seconds from start() until /ready answers 200."""
-        deadline = self.started + START_TIMEOUT_S
-        with requests.Session() as session:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"replica {self.index} exited {self.proc.returncode}:\n"
-                                       f"{self.log.read_text()[-3000:]}")
-                try:
-                    if session.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                        return time.monotonic() - self.started
-                except requests.RequestException:
-                    pass
-                time.sleep(0.05)
-        raise RuntimeError(f"replica {self.index} not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+        return wait_ready(self.url, self.proc, self.log, self.started, START_TIMEOUT_S)
 
     def kill(self) -> dict:
         """SIGKILL the whole process group (master and workers) and wait until none of it is left."""

@@ -21,7 +21,7 @@ class Lane:
     """One model's batch function and its batching limits."""
 
     fn: Callable[[list[Any]], Sequence[Any]]
-    max_batch_size: int = 8
+    max_batch_size: int = 4
     max_delay_s: float = 0.0
 
 
@@ -66,7 +66,7 @@ class Batcher:
         if not self._stopped:
             self._start()
 
-    def add_lane(self, key: str, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 8,
+    def add_lane(self, key: str, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 4,
                  max_delay_ms: float = 0.0) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,23 @@ def _http_code(exc: HTTPException) -> str:
     return (exc.name or "http_error").lower().replace(" ", "_")
 
 
+def finish_serve_error(exc: ServeError, response: Response) -> Response:
+    """What every ServeError answer shares, whatever its body's shape: a log line for real server
+    faults, Retry-After on 503s (overload, timeouts, not ready)."""
+    if exc.status >= 500 and exc.status != 503:
+        log.error("%s: %s", exc.code, exc.message)
+    if exc.status == 503:
+        response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     """Map every exception a request can raise to one JSON shape."""
 
     @app.errorhandler(ServeError)
     def _serve_error(exc: ServeError):
-        if exc.status >= 500 and exc.status != 503:
-            log.error("%s: %s", exc.code, exc.message)
         response, status = error_response(exc.status, exc.code, exc.message)
-        if exc.status == 503:
-            response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
-        return response, status
+        return finish_serve_error(exc, response), status
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -70,6 +70,7 @@ from serve.errors import (
     NotReadyError,
     ServeError,
     UnsupportedMediaTypeError,
+    finish_serve_error,
 )
 from serve.predictor import Predictor
 from serve.registry import Registry
@@ -104,12 +105,7 @@ def _json(payload: Any, status: int = 200) -> Response:
 
 @v2.errorhandler(ServeError)
 def _serve_error(exc: ServeError) -> Response:
-    if exc.status >= 500 and exc.status != 503:
-        log.error("%s: %s", exc.code, exc.message)
-    response = _json({"error": exc.message}, exc.status)
-    if exc.status == 503:
-        response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
-    return response
+    return finish_serve_error(exc, _json({"error": exc.message}, exc.status))
 
 
 @v2.errorhandler(HTTPException)

@@ -45,18 +45,11 @@ class Server:
         self.ready_after_s = self._wait_ready()
 
     def _wait_ready(self) -> float:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"gunicorn not ready in {START_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+        try:
+            return wait_ready(self.url, self.proc, self.log, self.started)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -67,3 +60,21 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, started: float, limit_s: float = START_TIMEOUT_S) -> float:
+    """Poll url/ready until it answers 200; return seconds since `started`.
+
+    Raises RuntimeError (with the log's tail) if the process exits or limit_s passes first.
+    """
+    deadline = started + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"gunicorn not ready in {limit_s}s:\n{log.read_text()[-3000:]}")
