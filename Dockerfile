@@ -1,7 +1,9 @@
 # The inference server image: the embedded EfficientNet-Lite0 by default, your models through a volume.
 #   CPU (default):  docker build -t torch-serve .
 #   GPU (CUDA):     docker build -t torch-serve:gpu --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
-# BASE_IMAGE lets a machine without a registry build from a locally made Python 3.11 image.
+# BASE_IMAGE lets a machine without a registry build from a locally made Python 3.11 image, and
+# PIP_INDEX_URL / PIP_FIND_LINKS / PIP_NO_INDEX (pip's own variables, build-time only) let a machine
+# without direct PyPI access install from its mirror or wheelhouse; tests/container.py does both.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -21,6 +23,9 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin serve \
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY requirements.txt .
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_NO_INDEX
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r requirements.txt
 COPY serve/ serve/
 COPY models/ models/
