@@ -90,7 +90,7 @@ class Dockerd:
                 time.sleep(0.1)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-        done = subprocess.run([docker_binary(), *args], env=self.env, capture_output=True, text=True,
+        done = subprocess.run([docker_binary(), *args], check=False, env=self.env, capture_output=True, text=True,
                               timeout=timeout, **kwargs)
         if check and done.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}")
@@ -154,11 +154,14 @@ def ensure_wheelhouse(state: Path = STATE) -> Path:
 @contextmanager
 def served_directory(path: Path, port: int):
     handler = functools.partial(QuietFileHandler, directory=str(path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:  # taken: any free port works, at the price of rebuilding the pip layer
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()

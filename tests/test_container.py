@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -85,6 +86,12 @@ def user_models(tmp_path_factory) -> Path:
     return folder
 
 
+def compose_env(base: dict[str, str], **extra: str) -> dict[str, str]:
+    """The environment compose interpolates from, without the caller's own server settings."""
+    kept = {k: v for k, v in base.items() if not k.startswith("SERVE_") and k not in ("WEB_CONCURRENCY", "PORT")}
+    return {**kept, **extra}
+
+
 class Running:
     def __init__(self, name: str, port: int, started: float):
         self.name, self.port, self.started = name, port, started
@@ -140,6 +147,24 @@ def test_run_flags_match_compose():
     assert serve["stop_grace_period"] == f"{GRACE_S}s"
 
 
+def test_compose_renders_both_profiles():
+    """`docker-compose config` (Debian's 1.29) accepts the file; the gpu profile reserves an NVIDIA GPU."""
+    if shutil.which("docker-compose") is None:
+        message = "needs docker-compose"
+        pytest.fail(message) if os.environ.get("SERVE_REQUIRE_DOCKER") == "1" else pytest.skip(message)
+    done = subprocess.run(["docker-compose", "--profile", "gpu", "--file", str(ROOT / "docker-compose.yml"), "config"],
+                          check=False, cwd=ROOT, env=compose_env(os.environ), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert services["serve"]["environment"]["SERVE_DEVICE"] == "cpu"
+    assert services["serve"]["environment"]["WEB_CONCURRENCY"] is None  # unset, never empty
+    gpu = services["serve-gpu"]
+    assert gpu["environment"]["SERVE_DEVICE"] == "cuda" and gpu["environment"]["WEB_CONCURRENCY"] == 1
+    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [{"capabilities": ["gpu"], "count": 1,
+                                                                       "driver": "nvidia"}]
+
+
 def test_users_own_checkpoint_from_the_volume_answers_a_cat(served, cat_jpeg):
     assert [m["name"] for m in requests.get(f"{served.url}/models", timeout=5).json()["models"]] == ["pets"]
     answer = requests.post(f"{served.url}/predictions/pets", data=cat_jpeg,
@@ -186,10 +211,10 @@ def test_compose_brings_the_default_model_up_and_down(docker, tmp_path, cat_jpeg
     empty.mkdir(mode=0o755)
     compose = ["docker-compose", "--project-name", COMPOSE_PROJECT, "--project-directory", str(ROOT),
                "--file", str(ROOT / "docker-compose.yml"), "--file", str(override)]
-    env = {**docker.env, "SERVE_MODELS_DIR": str(empty), "PORT": str(port)}  # PORT: the published one
+    env = compose_env(docker.env, SERVE_MODELS_DIR=str(empty), PORT=str(port))  # PORT: the published one
 
     def compose_run(*args: str) -> str:
-        done = subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=180)
+        done = subprocess.run([*compose, *args], check=False, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
