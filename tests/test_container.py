@@ -45,12 +45,16 @@ class PetNet(torch.nn.Module):
 '''
 
 
+def unavailable(message: str) -> None:
+    """Skip, or fail where the container tests are required (CI)."""
+    pytest.fail(message) if os.environ.get("SERVE_REQUIRE_DOCKER") == "1" else pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def docker():
     missing = container.missing_tools()
     if missing:
-        message = f"the container tests need {', '.join(missing)}"
-        pytest.fail(message) if os.environ.get("SERVE_REQUIRE_DOCKER") == "1" else pytest.skip(message)
+        unavailable(f"the container tests need {', '.join(missing)}")
     with container.exclusive_state():
         daemon = container.Dockerd()
         daemon.start()
@@ -98,7 +102,7 @@ class Running:
         self.url = f"http://127.0.0.1:{port}"
 
 
-def wait_healthy(docker: container.Dockerd, name: str, run: Running, limit_s: float = 120) -> tuple[float, float]:
+def wait_healthy(docker: container.Dockerd, run: Running, limit_s: float = 120) -> tuple[float, float]:
     """Seconds from start to /ready 200 (polled here) and to the HEALTHCHECK reporting healthy."""
     ready_s = None
     while time.monotonic() - run.started < limit_s:
@@ -108,13 +112,13 @@ def wait_healthy(docker: container.Dockerd, name: str, run: Running, limit_s: fl
                     ready_s = time.monotonic() - run.started
             except requests.ConnectionError:
                 pass
-        state = docker.inspect(name, "{{.State.Status}} {{.State.Health.Status}}").split()
+        state = docker.inspect(run.name, "{{.State.Status}} {{.State.Health.Status}}").split()
         if state[0] != "running":
-            raise AssertionError(f"container {state[0]}:\n{docker.cli('logs', name, check=False).stderr[-3000:]}")
+            raise AssertionError(f"container {state[0]}:\n{docker.cli('logs', run.name, check=False).stderr[-3000:]}")
         if state[1] == "healthy" and ready_s is not None:
             return ready_s, time.monotonic() - run.started
         time.sleep(0.1)
-    raise AssertionError(f"not healthy in {limit_s}s:\n{docker.cli('logs', name, check=False).stderr[-3000:]}")
+    raise AssertionError(f"not healthy in {limit_s}s:\n{docker.cli('logs', run.name, check=False).stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,7 @@ def served(docker, user_models):
                "--env", "SERVE_CONFIG=/srv/user/models.yaml", "--env", "SERVE_DEVICE=cpu",
                "--volume", f"{user_models}:/srv/user:ro", container.IMAGE)
     run = Running(name, port, started)
-    run.ready_s, run.healthy_s = wait_healthy(docker, name, run)
+    run.ready_s, run.healthy_s = wait_healthy(docker, run)
     print(f"\ncold start: /ready 200 after {run.ready_s:.1f} s, healthy after {run.healthy_s:.1f} s")
     return run
 
@@ -150,8 +154,7 @@ def test_run_flags_match_compose():
 def test_compose_renders_both_profiles():
     """`docker-compose config` (Debian's 1.29) accepts the file; the gpu profile reserves an NVIDIA GPU."""
     if shutil.which("docker-compose") is None:
-        message = "needs docker-compose"
-        pytest.fail(message) if os.environ.get("SERVE_REQUIRE_DOCKER") == "1" else pytest.skip(message)
+        unavailable("needs docker-compose")
     done = subprocess.run(["docker-compose", "--profile", "gpu", "--file", str(ROOT / "docker-compose.yml"), "config"],
                           check=False, cwd=ROOT, env=compose_env(os.environ), capture_output=True, text=True,
                           timeout=60)
@@ -222,7 +225,7 @@ def test_compose_brings_the_default_model_up_and_down(docker, tmp_path, cat_jpeg
     try:
         compose_run("up", "--detach", "--no-build", "serve")
         name = docker.inspect(compose_run("ps", "--quiet", "serve").strip(), "{{.Name}}").lstrip("/")
-        ready_s, healthy_s = wait_healthy(docker, name, Running(name, port, started))
+        ready_s, healthy_s = wait_healthy(docker, Running(name, port, started))
         print(f"\ncompose up: /ready 200 after {ready_s:.1f} s, healthy after {healthy_s:.1f} s")
         answer = requests.post(f"http://127.0.0.1:{port}/predictions/efficientnet_lite0", data=cat_jpeg,
                                headers={"Content-Type": "image/jpeg"}, timeout=30).json()
