@@ -230,8 +230,12 @@ def _resolve_path(value: str, base: Path, model: str, field: str) -> Path:
 
 def _describe(exc: ValidationError, raw_models: Any) -> str:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    item_failed = any(len(e["loc"]) >= 2 and e["loc"][0] == "models" for e in errors)
+    for err in errors:
         loc = list(err["loc"])
+        if item_failed and loc == ["models"] and err["type"] == "too_short":
+            continue  # only because an invalid model was dropped: its own error says why
         where = "config"
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
             index = loc[1]

@@ -68,6 +68,13 @@ def test_bad_model_fields_are_named(tiny_checkpoint, override, message):
     assert message in err.value.message
 
 
+def test_a_bad_model_is_reported_once_and_alone(tiny_checkpoint):
+    """Not followed by "models: Tuple should have at least 1 item", a side effect of dropping it."""
+    with pytest.raises(ConfigError) as err:
+        build_config({"models": [tiny_model_config(tiny_checkpoint, topk=0)]})
+    assert err.value.message == "invalid config: model 'tiny': field 'topk': Input should be greater than 0 (got 0)"
+
+
 def test_bad_name_without_a_name_uses_the_index():
     with pytest.raises(ConfigError, match=r"models\[0\]: field 'name': Field required"):
         build_config({"models": [{"architecture": "resnet18", "checkpoint": "w.pth"}]})
