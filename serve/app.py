@@ -36,7 +36,8 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["serve"] = registry
     app.extensions["serve.metrics"] = metrics
-    app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.predictors)))
+    app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.predictors)),
+                                                   management=config.server.enable_management)
     app.register_blueprint(bp)
     app.register_blueprint(v2)
     app.register_blueprint(page)

@@ -44,8 +44,10 @@ PREDICTION_RESPONSES = {
 }
 
 
-def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The document for this server's routes; `extra_paths` adds blueprints' own (the V2 protocol)."""
+def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
+                  management: bool = False) -> dict[str, Any]:
+    """The document for this server's routes; `extra_paths` adds blueprints' own (the V2 protocol),
+    `management` the reload route where it is served. The page's static files (/ui/...) are left out."""
     names = list(registry.predictors)
     classes = min((p.num_classes or 1) for p in registry.predictors.values()) if names else 1
     topk = {"name": "topk", "in": "query", "required": False,
@@ -78,6 +80,12 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None)
             "description": "exposition text", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
     }
+    if management:
+        paths["/models/{name}/reload"] = {"post": {
+            "summary": "Re-read the checkpoint; the new weights serve once loaded and warm (this worker only)",
+            "parameters": [model_param],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Model"}), "404": _error("unknown model"),
+                          "409": _error("reload failed: the previous weights keep serving")}}}
     paths.update(extra_paths or {})
     return {
         "openapi": "3.0.3",

@@ -25,12 +25,30 @@ def live_app(tmp_path_factory):
     app.extensions["serve"].close()
 
 
-def test_document_lists_every_route(live_app):
-    document = live_app.test_client().get("/openapi.json").json
+def documented_and_served(app) -> tuple[set[str], set[str]]:
+    document = app.test_client().get("/openapi.json").json
     assert document["openapi"].startswith("3.")
-    routes = {rule.rule.replace("<name>", "{name}").replace("<version>", "{version}")
-              for rule in live_app.url_map.iter_rules() if rule.endpoint != "static" and "<path:" not in rule.rule}
-    assert routes <= set(document["paths"]), routes - set(document["paths"])
+    served = {f"{method} {rule.rule.replace('<name>', '{name}').replace('<version>', '{version}')}"
+              for rule in app.url_map.iter_rules() if "<path:" not in rule.rule  # the page's static files
+              for method in rule.methods - {"HEAD", "OPTIONS"}}
+    documented = {f"{method.upper()} {path}" for path, methods in document["paths"].items() for method in methods}
+    return documented, served
+
+
+def test_document_lists_every_route(live_app):
+    documented, served = documented_and_served(live_app)
+    assert documented == served
+    assert "POST /models/{name}/reload" not in documented  # not served unless management is on
+
+
+def test_document_lists_reload_where_management_is_on(tiny_checkpoint):
+    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)],
+                                   "server": {"enable_management": True}}))
+    try:
+        documented, served = documented_and_served(app)
+        assert documented == served and "POST /models/{name}/reload" in documented
+    finally:
+        app.extensions["serve"].close()
 
 
 def test_api_conforms_to_its_schema(live_app):
