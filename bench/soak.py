@@ -1,7 +1,7 @@
 """Soak: a bounded run of valid and hostile requests against a real gunicorn, watching every worker's memory.
 
     python bench/soak.py                          # 5 minutes, 16 clients, 2 workers, the default model
-    python bench/soak.py --seconds 20 --clients 8 # the short version CI runs (tests/test_soak.py)
+    python bench/soak.py --seconds 15 --clients 8 # the short version CI runs (tests/test_soak.py)
 
 Each client loops: 80 % the cat photo, 20 % a random case from tools/hostile_corpus.py, each checked
 against the status that case must get. Every `--sample-s` seconds it records each worker's RSS and
