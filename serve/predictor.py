@@ -1,15 +1,21 @@
 """Predictor: one loaded model with its labels and transform; image bytes or tensors in, top-k out."""
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 
 from serve.config import ModelSpec
+from serve.cores import SMALL_FORWARD_MS
 from serve.errors import CheckpointError, ConfigError, InvalidRequestError
 from serve.loader import LoadedModel
 from serve.memory import release_after
 from serve.preprocess import build_normalizer, build_transform, decode_image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Predictor:
         self.transform = build_transform(spec.preprocess)
         self.normalize = build_normalizer(spec.preprocess, loaded.device)
         self.num_classes: int | None = None
+        self.forward_ms: float | None = None  # batch-1 CPU forward on one thread, timed at warm-up
         self.ready = False
 
     @property
@@ -61,14 +68,42 @@ class Predictor:
             CheckpointError: the output is not [N, classes, ...].
             ConfigError: the labels don't match the class count.
         """
-        probs = self.predict_batch([torch.zeros(self.input_shape, dtype=torch.uint8)])[0]
+        blank = torch.zeros(self.input_shape, dtype=torch.uint8)
+        probs = self.predict_batch([blank])[0]
         self.num_classes = probs.shape[-1]
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ConfigError(
                 f"model '{self.spec.name}': field 'labels': {len(self.labels)} labels, "
                 f"but the model outputs {self.num_classes} classes"
             )
+        if self.loaded.device.type == "cpu":
+            self.forward_ms = self._time_forward(blank)
+            if self.small:
+                log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches run single-threaded",
+                         self.spec.name, self.forward_ms)
         self.ready = True
+
+    def _time_forward(self, blank: torch.Tensor, runs: int = 5) -> float:
+        """Median batch-1 forward on one torch thread, in ms, after the first (which pays one-time set-up);
+        a model clearly above SMALL_FORWARD_MS is timed once. The thread count is put back afterwards."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            times = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                self.predict_batch([blank])
+                times.append((time.perf_counter() - started) * 1000)
+                if times[-1] > 2 * SMALL_FORWARD_MS:
+                    break
+            return statistics.median(times)
+        finally:
+            torch.set_num_threads(threads)
+
+    @property
+    def small(self) -> bool:
+        """A CPU model too small for a second thread to pay for OpenMP's spin-waiting (serve/cores.py)."""
+        return self.forward_ms is not None and self.forward_ms < SMALL_FORWARD_MS
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Decode and transform one image into the model's uint8 input tensor [C, H, W].

@@ -75,7 +75,7 @@ class Registry:
         """One forward on the batcher's thread: CPU batches take their share of the cores; metrics kept."""
         started = time.perf_counter()
         if self.cores is not None and predictor.loaded.device.type == "cpu":
-            with self.cores.share():
+            with self.cores.share(single=predictor.small):
                 probs = forward(batch)
         else:
             probs = forward(batch)

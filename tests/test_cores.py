@@ -3,9 +3,26 @@ from __future__ import annotations
 
 import os
 
+import time
+
 import torch
 
+from models.tiny import TinyNet
 from serve.cores import CoreShare, available_cores
+
+
+class SetUpNet(TinyNet):
+    """TinyNet whose first forward takes 50 ms, as a real network's one-time set-up does."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__(num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.05)
+        return super().forward(x)
 
 
 def test_a_lone_batch_gets_every_core_and_busy_ones_split_them():
@@ -46,3 +63,47 @@ def test_available_cores_honours_a_container_cpu_limit(tmp_path):
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
     assert available_cores(str(tmp_path)) == 1  # cgroup v1
+
+
+def test_a_single_threaded_batch_takes_one_thread_and_still_counts_as_busy():
+    share = CoreShare(4)
+    with share.share(single=True) as small:
+        assert small == 1 and torch.get_num_threads() == 1 and share.busy == 1
+        with share.share() as big:
+            assert big == 2  # the small batch holds a core
+    with share.share() as alone:
+        assert alone == 4
+
+
+def test_small_models_run_single_threaded_and_big_ones_share_the_cores(tiny_checkpoint):
+    """Warm-up times a batch-1 forward on one thread; the registry then sets the threads per batch."""
+    from conftest import tiny_model_config
+    from serve.config import build_config
+    from serve.registry import Registry
+
+    seen = {}
+    config = build_config({"models": [
+        tiny_model_config(tiny_checkpoint),  # TinyNet on 8x8: microseconds
+        tiny_model_config(tiny_checkpoint, name="setup", architecture="test_cores:SetUpNet"),  # small after set-up
+        tiny_model_config(tiny_checkpoint, name="slow", architecture="models.tiny:SlowNet",
+                          kwargs={"num_classes": 3, "delay_ms": 10}),  # 10 ms, like a real network
+    ]})
+    registry = Registry.load(config)
+    try:
+        registry.cores = CoreShare(2)
+        for name, predictor in registry.predictors.items():
+            forward = predictor.predict_batch
+
+            def spy(inputs, name=name, forward=forward):
+                seen[name] = torch.get_num_threads()
+                return forward(inputs)
+
+            registry.batcher.call(registry._run, predictor, spy, [torch.zeros(predictor.input_shape,
+                                                                             dtype=torch.uint8)]).result()
+        tiny, slow = registry.predictors["tiny"], registry.predictors["slow"]
+        assert tiny.small and tiny.forward_ms < 2
+        assert not slow.small and slow.forward_ms >= 10
+        assert registry.predictors["setup"].small
+        assert seen == {"tiny": 1, "setup": 1, "slow": 2}
+    finally:
+        registry.close()
