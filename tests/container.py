@@ -119,6 +119,12 @@ def exclusive_state(state: Path = STATE):
         yield
 
 
+def run_step(command: list[str], timeout: float) -> None:
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
+
+
 def ensure_base_image(docker: Dockerd) -> float:
     """debootstrap Debian bookworm with Python 3.11 and pip's needs, and import it; seconds spent."""
     if docker.cli("image", "inspect", BASE_IMAGE, check=False).returncode == 0:
@@ -126,12 +132,20 @@ def ensure_base_image(docker: Dockerd) -> float:
     started = time.monotonic()
     rootfs = docker.state / "rootfs"
     shutil.rmtree(rootfs, ignore_errors=True)
-    subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm",
-                    str(rootfs), DEBIAN_MIRROR], check=True, capture_output=True, timeout=900)
+    run_step(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(rootfs),
+              DEBIAN_MIRROR], timeout=900)
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    docker.cli("import", "--change", 'CMD ["python3"]', "-", BASE_IMAGE, stdin=tar.stdout, timeout=600)
-    if tar.wait() != 0:
-        raise RuntimeError("tar of the debootstrap root failed")
+    try:
+        docker.cli("import", "--change", 'CMD ["python3"]', "-", BASE_IMAGE, stdin=tar.stdout, timeout=600)
+    except BaseException:
+        tar.kill()
+        raise
+    finally:
+        tar.stdout.close()
+        tar.wait()
+    if tar.returncode != 0:
+        docker.cli("image", "rm", "--force", BASE_IMAGE, check=False)  # never keep a partial root
+        raise RuntimeError(f"tar of the debootstrap root exited {tar.returncode}")
     shutil.rmtree(rootfs)
     return time.monotonic() - started
 
@@ -145,8 +159,8 @@ def ensure_wheelhouse(state: Path = STATE) -> Path:
     if stamp.exists() and stamp.read_text() == digest:
         return wheels
     wheels.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                    "-r", str(requirements), "-d", str(wheels)], check=True, capture_output=True, timeout=1800)
+    run_step([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+              "-r", str(requirements), "-d", str(wheels)], timeout=1800)
     stamp.write_text(digest)
     return wheels
 
