@@ -18,6 +18,7 @@ import tempfile
 import torch
 from gunicorn import glogging
 
+from serve import wire
 from serve.config import load_config
 from serve.cores import available_cores
 from serve.errors import ConfigError
@@ -46,13 +47,16 @@ accesslog = None  # the app writes one JSON line per request (logger serve.acces
 
 class QuietAccessLogger(glogging.Logger):
     """gunicorn's logger, minus its access line. With logconfig_dict set, gunicorn formats every
-    request's access atoms even with no access log to write them to: measurable work on a small model."""
+    request's access atoms even with no access log to write them to: measurable work on a small model.
+    A logger class of our own also means --access-logfile and gunicorn's statsd logger are not used:
+    the JSON access line and /metrics (Prometheus) take their place."""
 
     def access(self, resp, req, environ, request_time) -> None:
         pass
 
 
 logger_class = QuietAccessLogger
+wire.install()  # head and body in one send(): a killed worker's answer is whole or absent (serve/wire.py)
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -11,7 +11,7 @@ import torch
 from serve.access import BATCH_SIZE
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
-from serve.cores import CoreShare, available_cores
+from serve.cores import SMALL_FORWARD_MS, CoreShare, available_cores
 from serve.errors import (
     BatchTimeoutError,
     ModelNotFoundError,
@@ -62,6 +62,9 @@ class Registry:
         between batches, so no batch ever sees a half-installed model."""
         predictor = Predictor(spec, load_model(spec), load_labels(spec), self.config.server.max_image_pixels)
         predictor.warm_up()
+        if self.cores is not None and predictor.single_threaded(1):
+            log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches under %.0f ms run "
+                     "single-threaded", spec.name, predictor.forward_ms, SMALL_FORWARD_MS)
         self.batcher.add_lane(spec.name, partial(self._run_lane, predictor), spec.max_batch_size, spec.max_delay_ms)
         self.predictors[spec.name] = predictor
         if self.metrics is not None:
@@ -75,7 +78,7 @@ class Registry:
         """One forward on the batcher's thread: CPU batches take their share of the cores; metrics kept."""
         started = time.perf_counter()
         if self.cores is not None and predictor.loaded.device.type == "cpu":
-            with self.cores.share(single=predictor.small):
+            with self.cores.share(single=predictor.single_threaded(len(batch))):
                 probs = forward(batch)
         else:
             probs = forward(batch)

@@ -67,14 +67,17 @@ class Dockerd:
              "--host", f"unix://{self.sock}", "--pidfile", str(self.pidfile)],
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
-        while time.monotonic() - started < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if self.cli("version", check=False, timeout=10).returncode == 0:
-                return time.monotonic() - started
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"dockerd not up in {timeout_s}s:\n{self.log.read_text()[-3000:]}")
+        try:
+            while time.monotonic() - started < timeout_s:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"dockerd exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                if self.cli("version", check=False, timeout=10).returncode == 0:
+                    return time.monotonic() - started
+                time.sleep(0.2)
+            raise RuntimeError(f"dockerd not up in {timeout_s}s:\n{self.log.read_text()[-3000:]}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _stop_stale(self) -> None:
         """A dockerd left by a killed run holds the pidfile, and a new one would refuse to start."""
@@ -88,6 +91,9 @@ class Dockerd:
             deadline = time.monotonic() + 30
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(1)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
         done = subprocess.run([docker_binary(), *args], check=False, env=self.env, capture_output=True, text=True,
@@ -115,7 +121,11 @@ def exclusive_state(state: Path = STATE):
     """One test run at a time uses the data root (two clones testing at once would share it)."""
     state.mkdir(parents=True, exist_ok=True)
     with (state / "lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another test run's lock on {state}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
@@ -127,11 +137,11 @@ def run_step(command: list[str], timeout: float) -> None:
 
 def ensure_base_image(docker: Dockerd) -> float:
     """debootstrap Debian bookworm with Python 3.11 and pip's needs, and import it; seconds spent."""
+    rootfs = docker.state / "rootfs"
+    shutil.rmtree(rootfs, ignore_errors=True)  # a run killed mid-way may have left one
     if docker.cli("image", "inspect", BASE_IMAGE, check=False).returncode == 0:
         return 0.0
     started = time.monotonic()
-    rootfs = docker.state / "rootfs"
-    shutil.rmtree(rootfs, ignore_errors=True)
     run_step(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(rootfs),
               DEBIAN_MIRROR], timeout=900)
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)

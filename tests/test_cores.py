@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-
 import time
 
 import torch
@@ -75,35 +74,42 @@ def test_a_single_threaded_batch_takes_one_thread_and_still_counts_as_busy():
         assert alone == 4
 
 
-def test_small_models_run_single_threaded_and_big_ones_share_the_cores(tiny_checkpoint):
+def test_small_batches_run_single_threaded_and_big_ones_share_the_cores(tmp_path, tiny_checkpoint):
     """Warm-up times a batch-1 forward on one thread; the registry then sets the threads per batch."""
     from conftest import tiny_model_config
+
     from serve.config import build_config
+    from serve.loader import build_module
     from serve.registry import Registry
 
-    seen = {}
+    resnet18 = tmp_path / "resnet18.pth"
+    torch.save(build_module("resnet18", {}).state_dict(), resnet18)
     config = build_config({"models": [
         tiny_model_config(tiny_checkpoint),  # TinyNet on 8x8: microseconds
         tiny_model_config(tiny_checkpoint, name="setup", architecture="test_cores:SetUpNet"),  # small after set-up
-        tiny_model_config(tiny_checkpoint, name="slow", architecture="models.tiny:SlowNet",
-                          kwargs={"num_classes": 3, "delay_ms": 10}),  # 10 ms, like a real network
+        tiny_model_config(resnet18, name="resnet18", architecture="resnet18", kwargs={}, labels=None,
+                          preprocess={"resize": 224, "crop": 224}),  # tens of ms on one thread
     ]})
     registry = Registry.load(config)
     try:
         registry.cores = CoreShare(2)
-        for name, predictor in registry.predictors.items():
-            forward = predictor.predict_batch
 
-            def spy(inputs, name=name, forward=forward):
-                seen[name] = torch.get_num_threads()
-                return forward(inputs)
+        def threads_for(predictor, size: int) -> int:
+            seen = []
 
-            registry.batcher.call(registry._run, predictor, spy, [torch.zeros(predictor.input_shape,
-                                                                             dtype=torch.uint8)]).result()
-        tiny, slow = registry.predictors["tiny"], registry.predictors["slow"]
-        assert tiny.small and tiny.forward_ms < 2
-        assert not slow.small and slow.forward_ms >= 10
-        assert registry.predictors["setup"].small
-        assert seen == {"tiny": 1, "setup": 1, "slow": 2}
+            def spy(inputs):
+                seen.append(torch.get_num_threads())
+                return predictor.predict_batch(inputs)
+
+            batch = [torch.zeros(predictor.input_shape, dtype=torch.uint8)] * size
+            registry.batcher.call(registry._run, predictor, spy, batch).result()
+            return seen[0]
+
+        tiny, setup, big = (registry.predictors[name] for name in ("tiny", "setup", "resnet18"))
+        assert tiny.forward_ms < 2 and setup.forward_ms < 2 and big.forward_ms > 4
+        assert threads_for(tiny, 1) == threads_for(setup, 1) == 1 and threads_for(big, 1) == 2
+        # The rule is per batch: a batch whose cost adds up past 2 ms shares the cores again.
+        tiny.forward_ms = 0.1
+        assert threads_for(tiny, 16) == 1 and threads_for(tiny, 32) == 2
     finally:
         registry.close()
