@@ -243,3 +243,79 @@ def test_compose_brings_the_default_model_up_and_down(docker, tmp_path, cat_jpeg
     assert down.returncode == 0, down.stderr[-3000:]
     assert docker.cli("ps", "--all", "--quiet", "--filter",
                       f"label=com.docker.compose.project={COMPOSE_PROJECT}").stdout.strip() == ""
+
+
+def pod_spec_as_docker_run(deployment: dict, configmap: dict, workdir: Path, port: int) -> tuple[list[str], dict]:
+    """`docker run` flags for the Deployment's container, as a kubelet would run it; the pod's own
+    network namespace becomes the host's, so its address and port move to 127.0.0.1 and a free port."""
+    pod = deployment["spec"]["template"]["spec"]
+    (spec,) = pod["containers"]
+    security = {**pod.get("securityContext", {}), **spec["securityContext"]}
+    flags = ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
+    flags += ["--read-only"] if security["readOnlyRootFilesystem"] else []
+    flags += [f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]]
+    flags += ["--security-opt", "no-new-privileges"] if security["allowPrivilegeEscalation"] is False else []
+    limits = spec["resources"]["limits"]
+    assert limits["memory"].endswith("Gi")
+    flags += ["--cpus", str(limits["cpu"]), "--memory", f"{int(limits['memory'][:-2])}g", "--memory-swap",
+              f"{int(limits['memory'][:-2])}g"]
+    env = {item["name"]: item["value"] for item in spec["env"]} | {"SERVE_HOST": "127.0.0.1", "PORT": str(port)}
+    flags += [arg for name, value in env.items() for arg in ("--env", f"{name}={value}")]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for mount in spec["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+            folder = workdir / mount["name"]
+            folder.mkdir(mode=0o755)
+            for key, text in configmap["data"].items():
+                (folder / key).write_text(text)
+                (folder / key).chmod(0o644)
+            flags += ["--volume", f"{folder}:{mount['mountPath']}:ro"]
+        else:
+            assert volume["emptyDir"]["medium"] == "Memory"
+            size = volume["emptyDir"]["sizeLimit"].replace("Mi", "m")
+            flags += ["--tmpfs", f"{mount['mountPath']}:rw,nosuid,nodev,size={size},mode=1777"]
+    return flags, spec
+
+
+def test_the_kubernetes_pod_spec_runs_on_the_image(docker, tmp_path, cat_jpeg):
+    """deploy/k8s's Deployment on the built image: its user, read-only root, dropped capabilities,
+    CPU and memory limits, ConfigMap and memory volumes; its probes answer within their budgets, its
+    preStop command exists in the image, and it stops within terminationGracePeriodSeconds."""
+    k8s = ROOT / "deploy" / "k8s"
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    configmap = yaml.safe_load((k8s / "config" / "configmap.yaml").read_text())
+    port = free_port()
+    flags, spec = pod_spec_as_docker_run(deployment, configmap, tmp_path, port)
+    name = f"serve-test-pod-{os.getpid()}"
+    started = time.monotonic()
+    docker.cli("run", "--detach", "--name", name, "--label", LABEL, "--network", "host", *flags, container.IMAGE)
+    try:
+        run = Running(name, port, started)
+        startup = spec["startupProbe"]
+        ready_s, _ = wait_healthy(docker, run, limit_s=startup["periodSeconds"] * startup["failureThreshold"])
+        print(f"\npod spec: /ready 200 after {ready_s:.1f} s")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = spec[probe]["httpGet"]
+            assert requests.get(f"{run.url}{get['path']}", timeout=spec[probe]["timeoutSeconds"]).status_code == 200
+        answer = requests.post(f"{run.url}/predictions/efficientnet_lite0", data=cat_jpeg,
+                               headers={"Content-Type": "image/jpeg"}, timeout=30).json()
+        assert answer["predictions"][0]["label"] in CATS
+        env = {item["name"]: item["value"] for item in spec["env"]}
+        processes = docker.cli("top", name, "-o", "pid,user,args").stdout.splitlines()[1:]
+        assert sum("gunicorn" in line for line in processes) == 1 + int(env["WEB_CONCURRENCY"])  # master + workers
+        assert {line.split()[1] for line in processes} == {str(spec["securityContext"]["runAsUser"])}
+        usage = docker.cli("stats", "--no-stream", "--format", "{{.MemUsage}}", name).stdout.strip()
+        print(f"pod spec: memory after a prediction {usage}")
+        memory = int(docker.inspect(name, "{{.HostConfig.Memory}}"))
+        assert memory == int(spec["resources"]["limits"]["memory"][:-2]) * 2**30
+        pre_stop = spec["lifecycle"]["preStop"]["exec"]["command"]
+        stop_started = time.monotonic()
+        assert docker.cli("exec", name, *pre_stop, check=False).returncode == 0  # the kubelet's preStop
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        docker.cli("stop", "--time", str(int(grace - (time.monotonic() - stop_started))), name, timeout=grace + 30)
+        assert time.monotonic() - stop_started < grace
+        assert docker.inspect(name, "{{.State.ExitCode}} {{.State.OOMKilled}}") == "0 false"
+    finally:
+        docker.cli("rm", "--force", name, check=False)
