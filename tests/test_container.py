@@ -245,13 +245,13 @@ def test_compose_brings_the_default_model_up_and_down(docker, tmp_path, cat_jpeg
                       f"label=com.docker.compose.project={COMPOSE_PROJECT}").stdout.strip() == ""
 
 
-def pod_spec_as_docker_run(deployment: dict, configmap: dict, workdir: Path, port: int) -> tuple[list[str], dict]:
-    """`docker run` flags for the Deployment's container, as a kubelet would run it; the pod's own
+def pod_spec_as_docker_run(pod: dict, configmap: dict, workdir: Path, port: int) -> tuple[list[str], dict]:
+    """`docker run` flags for a pod spec's one container, as a kubelet would run it; the pod's own
     network namespace becomes the host's, so its address and port move to 127.0.0.1 and a free port."""
-    pod = deployment["spec"]["template"]["spec"]
     (spec,) = pod["containers"]
     security = {**pod.get("securityContext", {}), **spec["securityContext"]}
-    flags = ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
+    group = f":{security['runAsGroup']}" if "runAsGroup" in security else ""
+    flags = ["--user", f"{security['runAsUser']}{group}"]
     flags += ["--read-only"] if security["readOnlyRootFilesystem"] else []
     flags += [f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]]
     flags += ["--security-opt", "no-new-privileges"] if security["allowPrivilegeEscalation"] is False else []
@@ -287,7 +287,8 @@ def test_the_kubernetes_pod_spec_runs_on_the_image(docker, tmp_path, cat_jpeg):
     deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
     configmap = yaml.safe_load((k8s / "config" / "configmap.yaml").read_text())
     port = free_port()
-    flags, spec = pod_spec_as_docker_run(deployment, configmap, tmp_path, port)
+    pod = deployment["spec"]["template"]["spec"]
+    flags, spec = pod_spec_as_docker_run(pod, configmap, tmp_path, port)
     name = f"serve-test-pod-{os.getpid()}"
     started = time.monotonic()
     docker.cli("run", "--detach", "--name", name, "--label", LABEL, "--network", "host", *flags, container.IMAGE)
@@ -313,9 +314,45 @@ def test_the_kubernetes_pod_spec_runs_on_the_image(docker, tmp_path, cat_jpeg):
         pre_stop = spec["lifecycle"]["preStop"]["exec"]["command"]
         stop_started = time.monotonic()
         assert docker.cli("exec", name, *pre_stop, check=False).returncode == 0  # the kubelet's preStop
-        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        grace = pod["terminationGracePeriodSeconds"]
         docker.cli("stop", "--time", str(int(grace - (time.monotonic() - stop_started))), name, timeout=grace + 30)
         assert time.monotonic() - stop_started < grace
         assert docker.inspect(name, "{{.State.ExitCode}} {{.State.OOMKilled}}") == "0 false"
+    finally:
+        docker.cli("rm", "--force", name, check=False)
+
+
+def test_the_kserve_predictor_spec_answers_tritonclient_on_the_image(docker, tmp_path, cat_jpeg):
+    """deploy/k8s/kserve's predictor container on the built image, as KServe would run it, probed on
+    its V2 paths and asked by the official V2 client (tritonclient) about the cat photo."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    k8s = ROOT / "deploy" / "k8s"
+    isvc = yaml.safe_load((k8s / "kserve" / "inferenceservice.yaml").read_text())
+    configmap = yaml.safe_load((k8s / "config" / "configmap.yaml").read_text())
+    port = free_port()
+    flags, spec = pod_spec_as_docker_run(isvc["spec"]["predictor"], configmap, tmp_path, port)
+    name = f"serve-test-kserve-{os.getpid()}"
+    started = time.monotonic()
+    docker.cli("run", "--detach", "--name", name, "--label", LABEL, "--network", "host", *flags, container.IMAGE)
+    try:
+        run = Running(name, port, started)
+        startup = spec["startupProbe"]
+        wait_healthy(docker, run, limit_s=startup["periodSeconds"] * startup["failureThreshold"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = spec[probe]["httpGet"]
+            assert requests.get(f"{run.url}{get['path']}", timeout=spec[probe]["timeoutSeconds"]).status_code == 200
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("efficientnet_lite0")
+        image = triton.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([cat_jpeg], dtype=object), binary_data=True)
+        top = triton.InferRequestedOutput("probabilities", binary_data=False, class_count=1)
+        answer = client.infer("efficientnet_lite0", [image], outputs=[top]).as_numpy("probabilities")
+        score, _, label = answer[0][0].split(":", 2)  # JSON output: "score:index:label" strings
+        assert label in CATS and float(score) > 0.3
+        # The root is read-only: the metrics directory went to TMPDIR, the emptyDir at /var/tmp.
+        assert docker.cli("exec", name, "sh", "-c", "ls -d /var/tmp/serve-metrics-*", check=False).returncode == 0
     finally:
         docker.cli("rm", "--force", name, check=False)
