@@ -11,9 +11,9 @@ import torch
 
 # A batch expected to take less than this on one thread (batch size x the batch-1 forward timed at
 # warm-up) runs single-threaded: a second thread gains it little and costs a core of OpenMP
-# spin-waiting after every batch. Measured on the tiny CNN (0.22 ms
-# at 1 thread, 0.17 ms at 2), 2 workers at c=16: 697 req/s and 2.8 ms CPU per request at 2 threads,
-# 1113 req/s and 1.7 ms at 1. EfficientNet-Lite0 (about 25 ms) keeps every core for a lone request.
+# spin-waiting after every batch. Measured on the tiny CNN (0.22 ms at 1 thread, 0.17 ms at 2) with
+# 2 workers at c=16: 697 req/s and 2.8 ms CPU per request with the core share, 986 req/s and 1.9 ms
+# with this rule. EfficientNet-Lite0 (about 25 ms) keeps every core for a lone request.
 SMALL_FORWARD_MS = 2.0
 
 

@@ -138,7 +138,7 @@ def run_step(command: list[str], timeout: float) -> None:
 def ensure_base_image(docker: Dockerd) -> float:
     """debootstrap Debian bookworm with Python 3.11 and pip's needs, and import it; seconds spent."""
     rootfs = docker.state / "rootfs"
-    shutil.rmtree(rootfs, ignore_errors=True)  # a run killed mid-way may have left one
+    remove_rootfs(rootfs)  # a run killed mid-way may have left one
     if docker.cli("image", "inspect", BASE_IMAGE, check=False).returncode == 0:
         return 0.0
     started = time.monotonic()
@@ -156,8 +156,22 @@ def ensure_base_image(docker: Dockerd) -> float:
     if tar.returncode != 0:
         docker.cli("image", "rm", "--force", BASE_IMAGE, check=False)  # never keep a partial root
         raise RuntimeError(f"tar of the debootstrap root exited {tar.returncode}")
-    shutil.rmtree(rootfs)
+    remove_rootfs(rootfs)
     return time.monotonic() - started
+
+
+def remove_rootfs(rootfs: Path) -> None:
+    """Delete a debootstrap root, after unmounting what a killed debootstrap may have left mounted in
+    it (/proc, /sys, or the host's /dev bound in a container): rmtree must never reach into those."""
+    def mounted() -> list[str]:
+        points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        return sorted((p for p in points if p.startswith(f"{rootfs}/")), reverse=True)
+
+    for point in mounted():
+        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
+    if mounted():
+        raise RuntimeError(f"still mounted under {rootfs}: {mounted()}; not deleting it")
+    shutil.rmtree(rootfs, ignore_errors=True)
 
 
 def ensure_wheelhouse(state: Path = STATE) -> Path:
