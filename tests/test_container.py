@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -279,47 +280,54 @@ def pod_spec_as_docker_run(pod: dict, configmap: dict, workdir: Path, port: int)
     return flags, spec
 
 
-def test_the_kubernetes_pod_spec_runs_on_the_image(docker, tmp_path, cat_jpeg):
-    """deploy/k8s's Deployment on the built image: its user, read-only root, dropped capabilities,
-    CPU and memory limits, ConfigMap and memory volumes; its probes answer within their budgets, its
-    preStop command exists in the image, and it stops within terminationGracePeriodSeconds."""
-    k8s = ROOT / "deploy" / "k8s"
-    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
-    configmap = yaml.safe_load((k8s / "config" / "configmap.yaml").read_text())
+@contextmanager
+def running_pod(docker: container.Dockerd, pod: dict, workdir: Path, kind: str):
+    """Run a pod spec's container on the image, wait within its startup probe's budget, check that
+    every probe answers 200; yield (the running container, the container spec); remove it after."""
+    configmap = yaml.safe_load((ROOT / "deploy" / "k8s" / "config" / "configmap.yaml").read_text())
     port = free_port()
-    pod = deployment["spec"]["template"]["spec"]
-    flags, spec = pod_spec_as_docker_run(pod, configmap, tmp_path, port)
-    name = f"serve-test-pod-{os.getpid()}"
+    flags, spec = pod_spec_as_docker_run(pod, configmap, workdir, port)
+    name = f"serve-test-{kind}-{os.getpid()}"
     started = time.monotonic()
     docker.cli("run", "--detach", "--name", name, "--label", LABEL, "--network", "host", *flags, container.IMAGE)
     try:
         run = Running(name, port, started)
         startup = spec["startupProbe"]
-        ready_s, _ = wait_healthy(docker, run, limit_s=startup["periodSeconds"] * startup["failureThreshold"])
-        print(f"\npod spec: /ready 200 after {ready_s:.1f} s")
+        run.ready_s, _ = wait_healthy(docker, run, limit_s=startup["periodSeconds"] * startup["failureThreshold"])
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             get = spec[probe]["httpGet"]
             assert requests.get(f"{run.url}{get['path']}", timeout=spec[probe]["timeoutSeconds"]).status_code == 200
+        yield run, spec
+    finally:
+        docker.cli("rm", "--force", name, check=False)
+
+
+def test_the_kubernetes_pod_spec_runs_on_the_image(docker, tmp_path, cat_jpeg):
+    """deploy/k8s's Deployment on the built image: its user, read-only root, dropped capabilities,
+    CPU and memory limits, ConfigMap and memory volumes; its probes answer within their budgets, its
+    preStop command exists in the image, and it stops within terminationGracePeriodSeconds."""
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    with running_pod(docker, pod, tmp_path, "pod") as (run, spec):
+        print(f"\npod spec: /ready 200 after {run.ready_s:.1f} s")
         answer = requests.post(f"{run.url}/predictions/efficientnet_lite0", data=cat_jpeg,
                                headers={"Content-Type": "image/jpeg"}, timeout=30).json()
         assert answer["predictions"][0]["label"] in CATS
         env = {item["name"]: item["value"] for item in spec["env"]}
-        processes = docker.cli("top", name, "-o", "pid,user,args").stdout.splitlines()[1:]
+        processes = docker.cli("top", run.name, "-o", "pid,user,args").stdout.splitlines()[1:]
         assert sum("gunicorn" in line for line in processes) == 1 + int(env["WEB_CONCURRENCY"])  # master + workers
         assert {line.split()[1] for line in processes} == {str(spec["securityContext"]["runAsUser"])}
-        usage = docker.cli("stats", "--no-stream", "--format", "{{.MemUsage}}", name).stdout.strip()
+        usage = docker.cli("stats", "--no-stream", "--format", "{{.MemUsage}}", run.name).stdout.strip()
         print(f"pod spec: memory after a prediction {usage}")
-        memory = int(docker.inspect(name, "{{.HostConfig.Memory}}"))
+        memory = int(docker.inspect(run.name, "{{.HostConfig.Memory}}"))
         assert memory == int(spec["resources"]["limits"]["memory"][:-2]) * 2**30
         pre_stop = spec["lifecycle"]["preStop"]["exec"]["command"]
         stop_started = time.monotonic()
-        assert docker.cli("exec", name, *pre_stop, check=False).returncode == 0  # the kubelet's preStop
+        assert docker.cli("exec", run.name, *pre_stop, check=False).returncode == 0  # the kubelet's preStop
         grace = pod["terminationGracePeriodSeconds"]
-        docker.cli("stop", "--time", str(int(grace - (time.monotonic() - stop_started))), name, timeout=grace + 30)
+        docker.cli("stop", "--time", str(int(grace - (time.monotonic() - stop_started))), run.name,
+                   timeout=grace + 30)
         assert time.monotonic() - stop_started < grace
-        assert docker.inspect(name, "{{.State.ExitCode}} {{.State.OOMKilled}}") == "0 false"
-    finally:
-        docker.cli("rm", "--force", name, check=False)
+        assert docker.inspect(run.name, "{{.State.ExitCode}} {{.State.OOMKilled}}") == "0 false"
 
 
 def test_the_kserve_predictor_spec_answers_tritonclient_on_the_image(docker, tmp_path, cat_jpeg):
@@ -328,22 +336,9 @@ def test_the_kserve_predictor_spec_answers_tritonclient_on_the_image(docker, tmp
     import numpy as np
     import tritonclient.http as triton
 
-    k8s = ROOT / "deploy" / "k8s"
-    isvc = yaml.safe_load((k8s / "kserve" / "inferenceservice.yaml").read_text())
-    configmap = yaml.safe_load((k8s / "config" / "configmap.yaml").read_text())
-    port = free_port()
-    flags, spec = pod_spec_as_docker_run(isvc["spec"]["predictor"], configmap, tmp_path, port)
-    name = f"serve-test-kserve-{os.getpid()}"
-    started = time.monotonic()
-    docker.cli("run", "--detach", "--name", name, "--label", LABEL, "--network", "host", *flags, container.IMAGE)
-    try:
-        run = Running(name, port, started)
-        startup = spec["startupProbe"]
-        wait_healthy(docker, run, limit_s=startup["periodSeconds"] * startup["failureThreshold"])
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            get = spec[probe]["httpGet"]
-            assert requests.get(f"{run.url}{get['path']}", timeout=spec[probe]["timeoutSeconds"]).status_code == 200
-        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    isvc = yaml.safe_load((ROOT / "deploy" / "k8s" / "kserve" / "inferenceservice.yaml").read_text())
+    with running_pod(docker, isvc["spec"]["predictor"], tmp_path, "kserve") as (run, _):
+        client = triton.InferenceServerClient(f"127.0.0.1:{run.port}")
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready("efficientnet_lite0")
         image = triton.InferInput("image", [1], "BYTES")
@@ -353,6 +348,4 @@ def test_the_kserve_predictor_spec_answers_tritonclient_on_the_image(docker, tmp
         score, _, label = answer[0][0].split(":", 2)  # JSON output: "score:index:label" strings
         assert label in CATS and float(score) > 0.3
         # The root is read-only: the metrics directory went to TMPDIR, the emptyDir at /var/tmp.
-        assert docker.cli("exec", name, "sh", "-c", "ls -d /var/tmp/serve-metrics-*", check=False).returncode == 0
-    finally:
-        docker.cli("rm", "--force", name, check=False)
+        assert docker.cli("exec", run.name, "sh", "-c", "ls -d /var/tmp/serve-metrics-*", check=False).returncode == 0
