@@ -259,19 +259,7 @@ class Nginx:
         out.close()
 
     def wait_ready(self, timeout: float = 30) -> float:
-        started = time.monotonic()
-        with requests.Session() as session:
-            while time.monotonic() - started < timeout:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"nginx exited {self.proc.returncode}:\n"
-                                       f"{(self.folder / 'error.log').read_text()[-3000:]}")
-                try:
-                    if session.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                        return time.monotonic() - started
-                except requests.RequestException:
-                    pass
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx not answering in {timeout}s:\n{(self.folder / 'error.log').read_text()[-3000:]}")
+        return wait_ready(self.url, self.proc, self.folder / "error.log", time.monotonic(), timeout, name="nginx")
 
     def stop(self) -> int | None:
         """SIGQUIT: graceful shutdown (workers finish, then exit); SIGKILL the group if it hangs."""

@@ -62,7 +62,8 @@ class Server:
         return self.proc.returncode
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, started: float, limit_s: float = START_TIMEOUT_S) -> float:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, started: float, limit_s: float = START_TIMEOUT_S,
+               name: str = "gunicorn") -> float:
     """Poll url/ready until it answers 200; return seconds since `started`.
 
     Raises RuntimeError (with the log's tail) if the process exits or limit_s passes first.
@@ -70,11 +71,11 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, started: float, limi
     deadline = started + limit_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{name} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(f"{url}/ready", timeout=2).status_code == 200:
                 return time.monotonic() - started
-        except requests.ConnectionError:
+        except requests.RequestException:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"gunicorn not ready in {limit_s}s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{name} not ready in {limit_s}s:\n{log.read_text()[-3000:]}")
