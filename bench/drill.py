@@ -348,7 +348,7 @@ def phase_stats(results, start: float, end: float) -> dict:
 def parse_access_log(path: Path) -> list[dict]:
     entries = []
     for line in path.read_text().splitlines():
-        msec, status, request_time, addrs, statuses, times, request = line.split("\t")
+        msec, status, request_time, addrs, statuses, _times, request = line.split("\t")
         entries.append({"t": float(msec), "status": int(status), "request_time": float(request_time),
                         "upstreams": [a.strip() for a in addrs.replace(" : ", ", ").split(",")],
                         "upstream_statuses": [s.strip() for s in statuses.replace(" : ", ", ").split(",")],
@@ -458,7 +458,10 @@ def run_drill(seconds: float = 20, clients: int = 8, delay_ms: float = 20, workd
     names = {f"127.0.0.1:{r.port}": f"replica{r.index}" for r in replicas}
     per_replica: dict[str, Counter] = {name: Counter() for name in names.values()}
     for e in entries:
-        phase = "before" if e["t"] < wall_kill else "during" if e["t"] < wall_ready else "after"
+        # By the time nginx received the request: an answer sent just before the SIGKILL landed can be
+        # logged a moment after the kill's timestamp, and it belongs to "before".
+        received = e["t"] - e["request_time"]
+        phase = "before" if received < wall_kill else "during" if received < wall_ready else "after"
         if wall0 <= e["t"] <= wall_end:
             per_replica.setdefault(names.get(e["upstreams"][-1], e["upstreams"][-1]), Counter())[phase] += 1
     retried = [e for e in entries if len(e["upstreams"]) > 1]
