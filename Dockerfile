@@ -2,7 +2,8 @@
 #   CPU (default):  docker build -t torch-serve .
 #   GPU (CUDA):     docker build -t torch-serve:gpu --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
 # BASE_IMAGE lets a machine without a registry build from a locally made Python 3.11 image, and
-# PIP_INDEX_URL / PIP_FIND_LINKS / PIP_NO_INDEX (pip's own variables, build-time only) let a machine
+# PIP_INDEX_URL / PIP_FIND_LINKS / PIP_NO_INDEX (pip's own variables: build arguments, unset in the
+# running container but shown by docker history, so no tokens in them) let a machine
 # without direct PyPI access install from its mirror or wheelhouse; tests/container.py does both.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}

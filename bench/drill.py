@@ -196,10 +196,13 @@ class Replica:
         """SIGKILL the whole process group (master and workers) and wait until none of it is left."""
         pgid = self.proc.pid
         members = group_members(pgid)
+        # The kill's time is taken next to the signal, not before the /proc scan: nginx keeps sending the
+        # victim requests until it lands, and the test tells "in flight at the kill" by these marks.
+        marks = {"monotonic": time.monotonic(), "wall": time.time()}
         os.killpg(pgid, signal.SIGKILL)
         self.proc.wait(10)
         gone = wait_group_gone(pgid, 10)
-        return {"pgid": pgid, "pids": sorted(members), "group_gone": gone}
+        return {"pgid": pgid, "pids": sorted(members), "group_gone": gone, "marks": marks}
 
     def stop(self) -> int | None:
         """SIGTERM (graceful), SIGKILL to the group if it takes too long; returns the exit status."""
@@ -291,6 +294,7 @@ class Load:
 
     def __init__(self, url: str, clients: int, seconds: float, body: bytes):
         self.url, self.seconds, self.body = url, seconds, body
+        self.started = time.monotonic()  # reset by start()
         self.results: list[tuple[float, float, object]] = []  # (start, end, 200 or a failure reason)
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
@@ -398,9 +402,8 @@ def run_drill(seconds: float = 20, clients: int = 8, delay_ms: float = 20, workd
         load.start()
         t0 = load.started
         time.sleep(seconds / 3)
-        marks["kill"] = time.monotonic()
-        wall_kill = time.time()
         kill = victim.kill()
+        marks["kill"], wall_kill = kill["marks"].pop("monotonic"), kill.pop("marks")["wall"]
         kill["at_s"] = round(marks["kill"] - t0, 2)
         kill["group_gone_after_ms"] = round((time.monotonic() - marks["kill"]) * 1000, 1)
         report["kill"] = kill
@@ -409,6 +412,9 @@ def run_drill(seconds: float = 20, clients: int = 8, delay_ms: float = 20, workd
         time.sleep(max(0.0, t0 + 2 * seconds / 3 - time.monotonic()))
         marks["restart"] = time.monotonic()
         wall_restart = time.time()
+        # Keep the clients going while the replica starts, however long that takes (they stop when the
+        # clock passes load.seconds); the real end is set once it is ready.
+        load.seconds = marks["restart"] - t0 + START_TIMEOUT_S + 2 * FAIL_TIMEOUT_S + 1
         victim.start()
         ready_after = victim.wait_ready()
         marks["ready"] = time.monotonic()
@@ -420,7 +426,7 @@ def run_drill(seconds: float = 20, clients: int = 8, delay_ms: float = 20, workd
         log(f"t={report['restart']['at_s']}s restarted replica 1 on port {victim.port}: "
             f"ready after {ready_after:.2f} s")
         # nginx tries a failed replica again only after fail_timeout, on a request that picks it: keep
-        # the load on long enough after the restart for that to happen twice, however long start-up took.
+        # the load on long enough after the replica is ready for that to happen twice.
         load.seconds = max(seconds, marks["ready"] - t0 + 2 * FAIL_TIMEOUT_S + 1)
         report["load_seconds"] = round(load.seconds, 2)
         load.join()
@@ -428,6 +434,7 @@ def run_drill(seconds: float = 20, clients: int = 8, delay_ms: float = 20, workd
         wall_end = time.time() + 1
     finally:
         if load is not None:
+            load.seconds = min(load.seconds, time.monotonic() - load.started)  # on an error: stop them now
             load.join()
         stopped = {"nginx_exit": nginx.stop(), "replica_exits": [r.stop() for r in replicas]}
     stopped["nginx_running"] = nginx.alive()

@@ -61,12 +61,13 @@ class Dockerd:
     def start(self, timeout_s: float = 60) -> float:
         started = time.monotonic()
         self._stop_stale()
-        self.proc = subprocess.Popen(
-            ["dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false",
-             "--data-root", str(self.state / "data"), "--exec-root", str(self.state / "exec"),
-             "--host", f"unix://{self.sock}", "--pidfile", str(self.pidfile)],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with self.log.open("wb") as log:  # dockerd keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                ["dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false",
+                 "--data-root", str(self.state / "data"), "--exec-root", str(self.state / "exec"),
+                 "--host", f"unix://{self.sock}", "--pidfile", str(self.pidfile)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         try:
             while time.monotonic() - started < timeout_s:
                 if self.proc.poll() is not None:
@@ -183,7 +184,9 @@ def ensure_wheelhouse(state: Path = STATE) -> Path:
     if stamp.exists() and stamp.read_text() == digest:
         return wheels
     wheels.mkdir(parents=True, exist_ok=True)
+    # Wheels for the image's Python (3.11), whatever Python runs the tests.
     run_step([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+              "--python-version", "3.11", "--only-binary=:all:",
               "-r", str(requirements), "-d", str(wheels)], timeout=1800)
     stamp.write_text(digest)
     return wheels

@@ -19,8 +19,10 @@ class SetUpNet(TinyNet):
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 1:
-            time.sleep(0.05)
+        if self.calls == 1:  # CPU time, not a sleep: the timing counts this thread's CPU time
+            until = time.thread_time() + 0.05
+            while time.thread_time() < until:
+                pass
         return super().forward(x)
 
 
