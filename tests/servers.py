@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +17,24 @@ START_TIMEOUT_S = 120
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a server that binds it a moment later.
+
+    Taken below the kernel's ephemeral range: a port the kernel picked for a bind to port 0 comes from
+    that range, and so does the source port of every outgoing connection, so in the gap before the
+    server binds it, a test's own client could take it. Below the range only an explicit bind can.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    for _ in range(50 if low > 11_000 else 0):
+        port = random.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
