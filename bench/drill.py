@@ -161,6 +161,26 @@ def wait_group_gone(pgid: int, timeout: float) -> bool:
     return not group_members(pgid)
 
 
+def stop_group(proc: subprocess.Popen, sig: int, grace_s: float) -> int | None:
+    """Send `sig` to a process started in its own session and wait `grace_s` for it to exit; SIGKILL
+    its whole group if it hangs or left members behind (a worker its master did not take down).
+    Returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    if group_members(proc.pid):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        wait_group_gone(proc.pid, 10)
+    return proc.returncode
+
+
 class Replica:
     """One gunicorn (master + WEB_CONCURRENCY workers) on a fixed 127.0.0.1 port, in its own session."""
 
@@ -206,23 +226,7 @@ class Replica:
 
     def stop(self) -> int | None:
         """SIGTERM (graceful), SIGKILL to the group if it takes too long; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                pass
-        pgid = self.proc.pid
-        if group_members(pgid):  # a worker the master did not take down, or a master still running
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-            wait_group_gone(pgid, 10)
-        return self.proc.returncode
+        return None if self.proc is None else stop_group(self.proc, signal.SIGTERM, 40)
 
     def alive(self) -> bool:
         return any(group_members(pgid) for pgid in self.pgids)
@@ -266,17 +270,7 @@ class Nginx:
 
     def stop(self) -> int | None:
         """SIGQUIT: graceful shutdown (workers finish, then exit); SIGKILL the group if it hangs."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        wait_group_gone(self.proc.pid, 10)
-        return self.proc.returncode
+        return None if self.proc is None else stop_group(self.proc, signal.SIGQUIT, 15)
 
     def alive(self) -> bool:
         return self.proc is not None and bool(group_members(self.proc.pid))

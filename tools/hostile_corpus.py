@@ -726,25 +726,26 @@ def multipart_one_corrupt_of_three() -> Case:
                   parts, 400, "invalid_image", tags=("multipart",))
 
 
+def _too_many_files(count: int, text: str) -> Case:
+    """`count` 1x1 PNGs in one multipart request: over the per-request limit, 413 too_many_images."""
+    tiny = _save(Image.new("RGB", (1, 1)), "PNG")
+    return upload(f"multipart_{count}_files", text, [Part("image", f"{i}.png", tiny) for i in range(count)],
+                  413, "too_many_images", tags=("multipart", "limits"))
+
+
 @case
 def multipart_33_files() -> Case:
-    tiny = _save(Image.new("RGB", (1, 1)), "PNG")
-    return upload("multipart_33_files", "33 files: one over the 32 per-request limit",
-                  [Part("image", f"{i}.png", tiny) for i in range(33)], 413, "too_many_images", tags=("multipart", "limits"))
+    return _too_many_files(33, "33 files: one over the 32 per-request limit")
 
 
 @case
 def multipart_1000_files() -> Case:
-    tiny = _save(Image.new("RGB", (1, 1)), "PNG")
-    return upload("multipart_1000_files", "1000 tiny files in one request",
-                  [Part("image", f"{i}.png", tiny) for i in range(1000)], 413, "too_many_images", tags=("multipart", "limits"))
+    return _too_many_files(1000, "1000 tiny files in one request")
 
 
 @case
 def multipart_1001_files() -> Case:
-    tiny = _save(Image.new("RGB", (1, 1)), "PNG")
-    return upload("multipart_1001_files", "1001 tiny files: past werkzeug's 1000-part parser limit as well",
-                  [Part("image", f"{i}.png", tiny) for i in range(1001)], 413, "too_many_images", tags=("multipart", "limits"))
+    return _too_many_files(1001, "1001 tiny files: past werkzeug's 1000-part parser limit as well")
 
 
 @case
