@@ -123,12 +123,13 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu", trust_pickle
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if not _is_pickled_code(exc):
+        if not _is_pickled_code(exc, path):
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_first_line(exc)}") from None
         if not trust_pickle:
             raise CheckpointError(
                 f"checkpoint {path} holds pickled Python objects (e.g. a whole model saved with "
-                f"torch.save(model)), which can run arbitrary code when loaded; refused. Save "
+                f"torch.save(model), or a file written by pickle.dump), which can run arbitrary code "
+                f"when loaded; refused. Save "
                 f"model.state_dict() instead, or set trust_pickle: true for this model if you trust "
                 f"the file ({_first_line(exc)})"
             ) from None
@@ -151,10 +152,16 @@ def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {exc}") from None
 
 
-def _is_pickled_code(exc: pickle.UnpicklingError) -> bool:
-    # torch's weights_only unpickler names the global it refused; a damaged file fails otherwise.
+def _is_pickled_code(exc: pickle.UnpicklingError, path: Path) -> bool:
+    """torch's weights_only unpickler refused a global, or an opcode it doesn't read in a file that
+    starts as a pickle does (pickle.dump's protocol 4 framing); a damaged file fails otherwise."""
     text = str(exc)
-    return "Weights only load failed" in text and ("GLOBAL" in text or "global" in text)
+    if "Weights only load failed" not in text:
+        return False
+    if "GLOBAL" in text or "global" in text:
+        return True
+    with path.open("rb") as f:
+        return "Unsupported operand" in text and f.read(1) == pickle.PROTO
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,23 @@ def app(tiny_config):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+_ABSENT = object()
+
+
+def metric(text: str, name: str, default=_ABSENT, **labels) -> float:
+    """The value of one sample in Prometheus exposition text; a missing sample is an error unless a
+    default is given (a counter that no request has touched yet)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if labels else rf"^{re.escape(name)} ([0-9.e+-]+)$"
+    for line in text.splitlines():
+        match = re.match(pattern, line)
+        if match:
+            return float(match.groups()[-1])
+    if default is _ABSENT:
+        raise AssertionError(f"no sample {name}{labels or ''} in the metrics")
+    return default
 
 
 def image_bytes(color=(255, 0, 0), size=(16, 16), fmt="PNG", mode="RGB", **save_args) -> bytes:

@@ -221,6 +221,7 @@ def test_full_queue_is_shed_at_once_with_retry_after(tiny_checkpoint):
     deadline = time.monotonic() + 10
     while registry.batcher.pending < 2 and time.monotonic() < deadline:
         time.sleep(0.001)
+    assert registry.batcher.pending == 2, "the second request never queued"
     response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")
     assert error(response)[:2] == (503, "overloaded")
     assert response.headers["Retry-After"] == "1"

@@ -43,9 +43,11 @@ def test_the_count_is_shared_with_forked_workers():
     with share.share():
         pid = os.fork()
         if pid == 0:  # a second worker starting a batch while the parent's runs
-            with share.share() as threads:
-                os.write(write, str(threads).encode())
-            os._exit(0)
+            try:
+                with share.share() as threads:
+                    os.write(write, str(threads).encode())
+            finally:
+                os._exit(0)
         os.close(write)
         assert os.read(read, 8) == b"1"
         os.waitpid(pid, 0)

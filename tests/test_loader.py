@@ -50,12 +50,16 @@ def test_bare_state_dict_loads_in_eval_mode_on_cpu(tmp_path):
 
 def test_eval_mode_switches_off_dropout(tmp_path):
     net = TinyNet(num_classes=3, dropout=0.9)
+    net.load_state_dict(tiny_net().state_dict())  # non-zero weights: dropout would change the output
     path = tmp_path / "dropout.pth"
     torch.save(net.state_dict(), path)
     loaded = load(path, kwargs={"num_classes": 3, "dropout": 0.9})
     x = torch.rand(4, 3, 8, 8)
+    assert not loaded.module.training
     with torch.inference_mode():
-        assert torch.equal(loaded.module(x), loaded.module(x))
+        out = loaded.module(x)
+        assert torch.equal(out, loaded.module(x))
+        assert torch.allclose(out, x.mean((2, 3)) * 2 + 1)  # no unit dropped, none scaled up
 
 
 def test_general_checkpoint_finds_model_state_dict(tmp_path):
@@ -331,7 +335,7 @@ def test_loading_never_moves_pickle_flag_across_models(tmp_path):
 def test_pickle_error_is_not_mistaken_for_corruption(tmp_path):
     path = tmp_path / "p.pth"
     path.write_bytes(pickle.dumps({"a": Exploit(tmp_path / "x")}))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects"):
         load(path)
     assert not (tmp_path / "x").exists()
 

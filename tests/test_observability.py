@@ -10,19 +10,8 @@ from pathlib import Path
 import requests
 import yaml
 
-from conftest import image_bytes, tiny_model_config
+from conftest import image_bytes, metric, tiny_model_config
 from servers import Server
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """The value of one sample in Prometheus exposition text (0 if absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if labels else rf"^{re.escape(name)} ([0-9.e+-]+)$"
-    for line in text.splitlines():
-        match = re.match(pattern, line)
-        if match:
-            return float(match.groups()[-1])
-    return 0.0
 
 
 def test_metrics_add_up_after_traffic(client):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
-from conftest import LABELS, expected_probs, image_bytes, tiny_model_config, tiny_net
+from conftest import LABELS, expected_probs, image_bytes, metric, tiny_model_config, tiny_net
 from tritonclient.utils import InferenceServerException
 from werkzeug.serving import make_server
 
@@ -424,22 +424,18 @@ def test_raw_not_ready_and_overloaded_are_503(v2_app, client, monkeypatch):
     assert v2_error(response) == (503, "server busy") and response.headers["Retry-After"] == "1"
 
 
-def metric(client, line_start: str) -> float:
-    for line in client.get("/metrics").get_data(as_text=True).splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_v2_inference_is_counted_in_the_metrics(client):
-    requests_ok = 'serve_requests_total{model="tiny",status="200"}'
-    batches = 'serve_batch_size_count{model="tiny"}'
-    before = metric(client, requests_ok), metric(client, batches)
+    def counts() -> tuple[float, float]:
+        text = client.get("/metrics").get_data(as_text=True)
+        return (metric(text, "serve_requests_total", 0.0, model="tiny", status="200"),
+                metric(text, "serve_batch_size_count", 0.0, model="tiny"))
+
+    before = counts()
     assert client.post("/v2/models/tiny/infer", json=fp32_body(), headers={"X-Request-ID": "v2-1"}).status_code == 200
     response = client.post("/v2/models/tiny/infer", json={"inputs": [
         {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image_bytes()).decode()]}]})
     assert response.status_code == 200
-    assert (metric(client, requests_ok), metric(client, batches)) == (before[0] + 2, before[1] + 2)
+    assert counts() == (before[0] + 2, before[1] + 2)
     assert client.get("/v2/health/live", headers={"X-Request-ID": "v2-2"}).headers["X-Request-ID"] == "v2-2"
 
 
