@@ -35,8 +35,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def register_request_hooks(app: Flask, metrics: Metrics, default_model: str) -> None:
-    """Give every request an id (X-Request-ID, accepted or generated, echoed), a log line and metrics."""
+UNKNOWN_MODEL = "(unknown)"
+
+
+def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, models: frozenset[str]) -> None:
+    """Give every request an id (X-Request-ID, accepted or generated, echoed), a log line and metrics.
+
+    A model name the server doesn't serve is counted as "(unknown)": names come from the URL, and a
+    label per name a client makes up would grow the metrics without bound.
+    """
 
     @app.before_request
     def _start() -> None:
@@ -53,7 +60,7 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str) -> 
         model = (request.view_args or {}).get("name")
         if request.endpoint in PREDICTION_ENDPOINTS:
             model = model or default_model
-            metrics.observe_request(model, response.status_code, elapsed)
+            metrics.observe_request(model if model in models else UNKNOWN_MODEL, response.status_code, elapsed)
         code = _error_code(response)
         if code:
             metrics.errors.labels(code).inc()

@@ -44,5 +44,5 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)
-    register_request_hooks(app, metrics, registry.default_name)
+    register_request_hooks(app, metrics, registry.default_name, frozenset(registry.predictors))
     return app
