@@ -78,6 +78,7 @@ def limit_child(args) -> None:
 
     from serve.config import build_config
     from serve.loader import load_model
+    from serve.memory import PixelBudget
     from serve.predictor import Predictor
 
     torch.set_num_threads(args.threads)
@@ -85,7 +86,7 @@ def limit_child(args) -> None:
     spec = build_config({"models": [{"name": "m", "architecture": m["arch"], "kwargs": m["kwargs"],
                                      "checkpoint": m["checkpoint"], "device": "cpu",
                                      "preprocess": {"mean": m["norm"][0], "std": m["norm"][1]}}]}).models[0]
-    predictor = Predictor(spec, load_model(spec), None, 10**9)
+    predictor = Predictor(spec, load_model(spec), None, PixelBudget(10**9))
     data = Path(args.image).read_bytes()
 
     def step():

@@ -10,8 +10,8 @@ from serve.config import ModelSpec
 from serve.cores import SMALL_FORWARD_MS
 from serve.errors import CheckpointError, ConfigError, InvalidRequestError
 from serve.loader import LoadedModel
-from serve.memory import release_after
-from serve.preprocess import build_normalizer, build_transform, decode_image
+from serve.memory import PixelBudget, release_after
+from serve.preprocess import build_normalizer, build_transform, load_image, open_image
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,13 @@ class Prediction:
 class Predictor:
     """Runs one model: decode and transform an image, forward a batch, turn probabilities into labels."""
 
-    def __init__(self, spec: ModelSpec, loaded: LoadedModel, labels: tuple[str, ...] | None, max_pixels: int):
+    def __init__(self, spec: ModelSpec, loaded: LoadedModel, labels: tuple[str, ...] | None, pixels: PixelBudget):
+        """`pixels`: the process's decode budget, shared by its models; its limit is also the largest
+        image accepted."""
         self.spec = spec
         self.loaded = loaded
         self.labels = labels
-        self.max_pixels = max_pixels
+        self.pixels = pixels
         self.transform = build_transform(spec.preprocess)
         self.normalize = build_normalizer(spec.preprocess, loaded.device)
         self.num_classes: int | None = None
@@ -104,10 +106,12 @@ class Predictor:
         Raises:
             InvalidImageError, ImageTooLargeError: see decode_image.
         """
-        image = decode_image(data, self.max_pixels, self.spec.preprocess.mode, min_side=self.spec.preprocess.resize)
+        mode = self.spec.preprocess.mode
+        image = open_image(data, self.pixels.limit, mode, min_side=self.spec.preprocess.resize)
         pixels = image.width * image.height
-        tensor = self.transform(image)
-        del image
+        with self.pixels.hold(pixels):  # from the first decoded pixel until only the small tensor is left
+            tensor = self.transform(load_image(image, mode))
+            del image
         release_after(pixels)
         return tensor
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,9 +26,18 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int 
         InvalidImageError: empty, unrecognised, truncated or corrupt data.
         ImageTooLargeError: more pixels than max_pixels.
     """
+    return load_image(open_image(data, max_pixels, mode, min_side), mode)
+
+
+def open_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int | None = None) -> Image.Image:
+    """decode_image's first half: read the header, check the size, set a JPEG's draft scale. No pixel
+    is decoded yet; `.size` is what load_image will decode (a JPEG's reduced size).
+
+    Raises: as decode_image.
+    """
     if not data:
         raise InvalidImageError("the image is empty (0 bytes)")
-    try:
+    with _decode_errors():
         # Image.open reads the header only; our own limit is checked before any pixel is decoded.
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -40,9 +50,25 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int 
         if min_side and image.format == "JPEG":
             scale = min_side / min(width, height)
             image.draft(mode if mode == "L" else "RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        return image
+
+
+def load_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """decode_image's second half: decode the pixels of an open_image, turn it upright, convert it.
+
+    Raises: as decode_image.
+    """
+    with _decode_errors():
         image.load()
         image = ImageOps.exif_transpose(image)
         return _convert(image, mode)
+
+
+@contextmanager
+def _decode_errors():
+    """Pillow's ways of saying the data is bad, as this server's errors."""
+    try:
+        yield
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:

@@ -20,6 +20,7 @@ from serve.errors import (
     ServeError,
 )
 from serve.loader import load_labels, load_model
+from serve.memory import PixelBudget
 from serve.metrics import Metrics
 from serve.predictor import Predictor
 
@@ -37,6 +38,7 @@ class Registry:
         # With no fixed torch_threads, CPU batches take their share of the cores when they run.
         self.cores = cores
         self.metrics = metrics
+        self.pixels = PixelBudget(config.server.max_image_pixels)  # one decode budget for every model
 
     @classmethod
     def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None) -> Registry:
@@ -60,7 +62,7 @@ class Registry:
     def _build_and_install(self, spec: ModelSpec) -> None:
         """Load and warm up one model, then make it the one served. Runs on the batcher's thread,
         between batches, so no batch ever sees a half-installed model."""
-        predictor = Predictor(spec, load_model(spec), load_labels(spec), self.config.server.max_image_pixels)
+        predictor = Predictor(spec, load_model(spec), load_labels(spec), self.pixels)
         predictor.warm_up()
         if self.cores is not None and predictor.single_threaded(1):
             log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches under %.0f ms run "

@@ -341,6 +341,7 @@ def test_pickle_error_is_not_mistaken_for_corruption(tmp_path):
 
 
 def test_channels_last_answers_like_contiguous_and_half_is_ignored_on_cpu(tmp_path):
+    from serve.memory import PixelBudget
     from serve.predictor import Predictor
 
     path = tmp_path / "seed.pth"
@@ -352,12 +353,13 @@ def test_channels_last_answers_like_contiguous_and_half_is_ignored_on_cpu(tmp_pa
     loaded = load_model(nhwc)
     assert loaded.module.fully_conv[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert loaded.module.fully_conv[0].weight.dtype == torch.float32
-    expected = Predictor(plain, load_model(plain), None, 10**8).predict_batch([x])[0]
-    assert torch.allclose(Predictor(nhwc, loaded, None, 10**8).predict_batch([x])[0], expected, atol=1e-5)
+    expected = Predictor(plain, load_model(plain), None, PixelBudget(10**8)).predict_batch([x])[0]
+    assert torch.allclose(Predictor(nhwc, loaded, None, PixelBudget(10**8)).predict_batch([x])[0], expected, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_half_on_gpu_answers_like_float32(tmp_path):
+    from serve.memory import PixelBudget
     from serve.predictor import Predictor
 
     path = tmp_path / "seed.pth"
@@ -367,5 +369,5 @@ def test_half_on_gpu_answers_like_float32(tmp_path):
     probs = []
     for half in (False, True):
         s = spec_for(path, device="cuda", half=half, channels_last=half, **spec)
-        probs.append(Predictor(s, load_model(s), None, 10**8).predict_batch([x])[0])
+        probs.append(Predictor(s, load_model(s), None, PixelBudget(10**8)).predict_batch([x])[0])
     assert torch.allclose(probs[0], probs[1], atol=1e-2)

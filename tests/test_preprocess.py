@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import image_bytes
+from conftest import image_bytes, tiny_model_config
 from PIL import Image
 
-from serve.config import PreprocessSpec
+from serve.app import create_app
+from serve.config import PreprocessSpec, build_config
 from serve.errors import ImageTooLargeError, InvalidImageError
+from serve.memory import PixelBudget
 from serve.preprocess import build_normalizer, build_transform, decode_image
 
 MAX = 50_000_000
@@ -131,3 +135,75 @@ def test_crop_box_resize_matches_resize_then_crop():
     got = build_transform(spec)(image).permute(1, 2, 0).numpy()
     diff = abs(got.astype(int) - np.asarray(expected).astype(int))
     assert diff.mean() < 2.0
+
+
+def _holders(budget: PixelBudget, sizes: list[int]) -> tuple[list[threading.Thread], list[int], threading.Event]:
+    """One thread per size, each holding that many pixels until `done` is set; `entered` records the order."""
+    entered: list[int] = []
+    done = threading.Event()
+
+    def hold(pixels: int) -> None:
+        with budget.hold(pixels):
+            entered.append(pixels)
+            done.wait(10)
+
+    threads = [threading.Thread(target=hold, args=(n,), daemon=True) for n in sizes]
+    return threads, entered, done
+
+
+def _wait_for(condition, limit_s: float = 10) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_pixel_budget_lets_small_images_in_together_and_a_big_one_in_alone():
+    budget = PixelBudget(100)
+    threads, entered, done = _holders(budget, [40, 40])
+    for t in threads:
+        t.start()
+    _wait_for(lambda: len(entered) == 2)
+    assert budget.in_flight == 80  # both at once: they fit
+
+    big, big_entered, big_done = _holders(budget, [100])
+    big[0].start()
+    _wait_for(lambda: budget._next_ticket == 3)  # it is waiting for the two to finish
+    late, late_entered, late_done = _holders(budget, [10])
+    late[0].start()
+    _wait_for(lambda: budget._next_ticket == 4)
+    assert big_entered == [] and late_entered == []  # the small late one queues behind the big one
+    done.set()
+    _wait_for(lambda: big_entered == [100])
+    assert budget.in_flight == 100 and late_entered == []
+    big_done.set()
+    _wait_for(lambda: late_entered == [10])
+    late_done.set()
+    for t in threads + big + late:
+        t.join(10)
+    assert budget.in_flight == 0
+
+
+def test_an_image_over_the_budget_still_gets_in_alone():
+    budget = PixelBudget(100)
+    with budget.hold(10**6):  # counted as the whole budget, never waiting forever
+        assert budget.in_flight == 100
+    assert budget.in_flight == 0
+
+
+def test_a_request_decodes_only_within_the_workers_pixel_budget(tiny_checkpoint):
+    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)],
+                                   "server": {"max_image_pixels": 1000}}))
+    budget = app.extensions["serve"].pixels
+    answers = []
+    try:
+        with budget.hold(1000):  # another request's image holds the whole budget
+            request = threading.Thread(target=lambda: answers.append(app.test_client().post(
+                "/predictions/tiny", data=image_bytes(size=(16, 16)), content_type="image/png")))
+            request.start()
+            _wait_for(lambda: budget._next_ticket == 2)  # read the header, now waiting to decode
+            assert answers == []
+        request.join(10)
+        assert answers[0].status_code == 200 and budget.in_flight == 0
+    finally:
+        app.extensions["serve"].close()
