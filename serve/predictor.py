@@ -128,6 +128,10 @@ class Predictor:
         with torch.inference_mode():
             return self.forward(self.normalize(batch))
 
+    def forward_many(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """forward for a list of normalized float tensors [C, H, W] (a batch the batcher gathered)."""
+        return self.forward(torch.stack(inputs))
+
     def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Forward an already normalized float batch [N, C, H, W]; return one probability vector each, on the CPU.
 

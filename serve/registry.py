@@ -67,14 +67,19 @@ class Registry:
         if self.cores is not None and predictor.single_threaded(1):
             log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches under %.0f ms run "
                      "single-threaded", spec.name, predictor.forward_ms, SMALL_FORWARD_MS)
-        self.batcher.add_lane(spec.name, partial(self._run_lane, predictor), spec.max_batch_size, spec.max_delay_ms)
+        # Two lanes a model: uint8 images (predict_batch normalizes them) and preprocessed float tensors
+        # (V2's FP32 input); both batch up to max_batch_size, one image a queue entry.
+        self.batcher.add_lane(spec.name, partial(self._run_lane, predictor, predictor.predict_batch),
+                              spec.max_batch_size, spec.max_delay_ms)
+        self.batcher.add_lane(_float_lane(spec.name), partial(self._run_lane, predictor, predictor.forward_many),
+                              spec.max_batch_size, spec.max_delay_ms)
         self.predictors[spec.name] = predictor
         if self.metrics is not None:
             self.metrics.load_seconds.labels(spec.name).set(predictor.loaded.load_time_s)
 
-    def _run_lane(self, predictor: Predictor, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-        """A gathered batch of uint8 images; each result carries the batch's size back to its request."""
-        return [(p, len(inputs)) for p in self._run(predictor, predictor.predict_batch, inputs)]
+    def _run_lane(self, predictor: Predictor, forward, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        """A gathered batch; each result carries the batch's size back to its request."""
+        return [(p, len(inputs)) for p in self._run(predictor, forward, inputs)]
 
     def _run(self, predictor: Predictor, forward, batch) -> list[torch.Tensor]:
         """One forward on the batcher's thread: CPU batches take their share of the cores; metrics kept."""
@@ -89,23 +94,12 @@ class Registry:
             self.metrics.observe_batch(predictor.spec.name, len(batch), time.perf_counter() - started, waiting)
         return probs
 
-    def forward_tensor(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
-        """Run an already preprocessed float batch [N, C, H, W] as one forward, on the batcher's thread.
-
-        Raises:
-            BatchTimeoutError: no answer within request_timeout_s.
-            CheckpointError: the model's output can't be read as class scores.
-        """
-        predictor = self.get(name)
-        future = self.batcher.call(self._run, predictor, predictor.forward, batch)
-        probs = self._wait([future], name)[0]
-        BATCH_SIZE.set(len(batch))
-        return probs
-
     def _wait(self, futures: list, name: str) -> list:
+        """The futures' results, all within request_timeout_s of now (one deadline for the request)."""
         timeout = self.config.server.request_timeout_s
+        deadline = time.monotonic() + timeout
         try:
-            return [future.result(timeout=timeout) for future in futures]
+            return [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except FutureTimeout:
             for future in futures:
                 future.cancel()
@@ -151,14 +145,26 @@ class Registry:
             raise OverloadedError(f"server busy: {self.batcher.pending} images waiting (limit {limit}); retry shortly")
 
     def infer(self, name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run inputs through the model's batcher; return one probability vector each.
+        """Run uint8 images [C, H, W] through the model's batcher; return one probability vector each.
 
         Raises:
             BatchTimeoutError: no answer within request_timeout_s.
+            CheckpointError: the model's output can't be read as class scores.
         """
-        results = self._wait(self.batcher.submit_many(name, inputs), name)
+        return self._infer(name, name, inputs)
+
+    def infer_float(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
+        """As infer, for an already preprocessed float batch [N, C, H, W] (V2's FP32 input)."""
+        return self._infer(_float_lane(name), name, list(batch))
+
+    def _infer(self, lane, name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        results = self._wait(self.batcher.submit_many(lane, inputs), name)
         BATCH_SIZE.set(max(size for _, size in results))
         return [probs for probs, _ in results]
 
     def close(self) -> None:
         self.batcher.stop()
+
+
+def _float_lane(name: str) -> tuple[str, str]:
+    return (name, "float")

@@ -217,7 +217,7 @@ def infer(name: str, version: str | None = None):
     outputs = parse_outputs(header)
     kind, payload = parse_input(header, binary, predictor, reg.config.server.max_images_per_request)
     if kind == TENSOR_INPUT:
-        probs = forward_float(reg, predictor, torch.from_numpy(payload))
+        probs = torch.stack(reg.infer_float(predictor.spec.name, torch.from_numpy(payload))).numpy()
     else:
         images = [preprocess_one(predictor, data, i, len(payload)) for i, data in enumerate(payload)]
         probs = np.stack([p.numpy() for p in reg.infer(predictor.spec.name, images)])
@@ -453,16 +453,6 @@ def image_elements(name: str, count: int, data: Any, raw: bytes | None) -> list[
     if len(elements) != count:
         raise InvalidRequestError(f"input '{name}': {len(elements)} elements; its shape says {count}")
     return elements
-
-
-def forward_float(reg: Registry, predictor: Predictor, batch: torch.Tensor) -> np.ndarray:
-    """Run an already-preprocessed float batch [N, C, H, W]; return probabilities [N, classes].
-
-    Raises:
-        BatchTimeoutError: no answer within request_timeout_s.
-        CheckpointError: the model's output can't be read as class scores.
-    """
-    return torch.stack(reg.forward_tensor(predictor.spec.name, batch)).numpy()
 
 
 def render_output(name: str, out: RequestedOutput, probs: np.ndarray, predictor: Predictor) -> tuple[dict, Any]:

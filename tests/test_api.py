@@ -244,6 +244,20 @@ def test_request_deadline_answers_503(tiny_checkpoint):
     assert (status, code) == (503, "timeout") and "did not answer within 0.05s" in message
 
 
+def test_request_deadline_covers_all_its_images(tiny_checkpoint):
+    """One deadline per request: two images in batches of one, 200 ms each, miss a 300 ms deadline
+    although each image alone would make it."""
+    slow = tiny_model_config(tiny_checkpoint, architecture="models.tiny:SlowNet", kwargs={"delay_ms": 200},
+                             max_batch_size=1)
+    app = create_app(build_config({"models": [slow], "server": {"request_timeout_s": 0.3}}))
+    try:
+        files = {"a": (io.BytesIO(image_bytes()), "a.png"), "b": (io.BytesIO(image_bytes()), "b.png")}
+        response = app.test_client().post("/predictions/tiny", data=files, content_type="multipart/form-data")
+        assert error(response)[:2] == (503, "timeout")
+    finally:
+        app.extensions["serve"].close()
+
+
 def test_reload_is_off_by_default(client):
     assert error(client.post("/models/tiny/reload"))[:2] == (404, "not_found")
 

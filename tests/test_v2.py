@@ -177,6 +177,32 @@ def test_fp32_forward_runs_on_the_batcher_thread(triton, v2_app):
     assert threads == ["inference"]
 
 
+def test_fp32_batches_keep_the_models_max_batch_size_and_count_per_image(tmp_path):
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(tiny_net().state_dict(), checkpoint)
+    app = create_app(build_config({"models": [tiny_model_config(checkpoint, max_batch_size=2)],
+                                   "server": {"max_images_per_request": 5}}))
+    registry = app.extensions["serve"]
+    sizes, depths = [], []
+    module = registry.get("tiny").loaded.module
+    module.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    observe = registry.metrics.observe_batch
+    registry.metrics.observe_batch = lambda *a: (depths.append(a[-1]), observe(*a))
+    try:
+        batch = dyadic_batch(5, seed=3)
+        response = app.test_client().post("/v2/models/tiny/infer", json=fp32_body(
+            shape=list(batch.shape), data=batch.flatten().tolist()))
+        assert response.status_code == 200, response.json
+        [output] = response.json["outputs"]
+        np.testing.assert_array_equal(np.array(output["data"], dtype=np.float32).reshape(5, 3), expected_fp32(batch))
+        # As the model's lane batches images (how many a batch gathers depends on when they were
+        # queued), never one forward of 5; the queue depth counts the images still waiting.
+        assert sum(sizes) == 5 and max(sizes) <= 2
+        assert depths == [5 - sum(sizes[:i + 1]) for i in range(len(sizes))]
+    finally:
+        registry.close()
+
+
 def test_fp32_gzip_request(triton):
     batch = dyadic_batch(2, seed=3)
     result = triton.infer("tiny", [fp32_input(batch, True)], request_compression_algorithm="gzip")
