@@ -13,7 +13,7 @@ from torch import nn
 
 from serve.config import load_config
 from serve.errors import CheckpointError, ServeError
-from serve.loader import file_sha256, find_state_dict, read_checkpoint
+from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint
 from serve.registry import Registry
 
 
@@ -56,8 +56,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         weights, layout = find_state_dict(obj, args.key)
     except CheckpointError as exc:
         print(f"layout:  not decided: {exc.message}")
-        for key, value in obj.items():
-            if isinstance(value, Mapping) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        for key, value in (obj.items() if isinstance(obj, Mapping) else ()):
+            if is_state_dict(value):
                 print(f"\n[{key}]")
                 _print_tensors(value)
         return 0

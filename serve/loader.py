@@ -169,7 +169,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
-def _is_state_dict(obj: Any) -> bool:
+def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     )
@@ -193,12 +193,12 @@ def find_state_dict(obj: Any, key: str | None = None) -> tuple[Mapping[str, torc
         found = obj[key]
         if isinstance(found, nn.Module):
             return find_state_dict(found)
-        if not _is_state_dict(found):
+        if not is_state_dict(found):
             raise CheckpointError(f"checkpoint['{key}'] is a {type(found).__name__}, not a state_dict of tensors")
         return found, f"dict entry '{key}'"
-    if _is_state_dict(obj):
+    if is_state_dict(obj):
         return obj, "bare state_dict"
-    candidates = [k for k, v in obj.items() if _is_state_dict(v)]
+    candidates = [k for k, v in obj.items() if is_state_dict(v)]
     common = [k for k in COMMON_KEYS if k in candidates]
     if len(common) == 1 or (common and len(candidates) == 1):
         return obj[common[0]], f"dict entry '{common[0]}'"

@@ -436,10 +436,14 @@ def image_elements(name: str, count: int, data: Any, raw: bytes | None) -> list[
                 raise InvalidRequestError(f"input '{name}': a BYTES element of {length} bytes runs past the data")
             elements.append(bytes(raw[offset:offset + length]))
             offset += length
+            if len(elements) > count:
+                break  # more than the shape says: refused below, without reading the rest
     else:
         if not isinstance(data, list):
             raise InvalidRequestError(f"input '{name}': 'data' must be a list of base64 strings")
         flat = [item for row in data for item in (row if isinstance(row, list) else [row])]
+        if len(flat) != count:
+            raise InvalidRequestError(f"input '{name}': {len(flat)} elements; its shape says {count}")
         elements = []
         for i, item in enumerate(flat):
             if not isinstance(item, str):
@@ -451,7 +455,8 @@ def image_elements(name: str, count: int, data: Any, raw: bytes | None) -> list[
                     f"input '{name}': element {i + 1} is not valid base64 (JSON BYTES elements are base64-encoded images)"
                 ) from None
     if len(elements) != count:
-        raise InvalidRequestError(f"input '{name}': {len(elements)} elements; its shape says {count}")
+        shown = f"more than {count}" if len(elements) > count else str(len(elements))
+        raise InvalidRequestError(f"input '{name}': {shown} elements; its shape says {count}")
     return elements
 
 

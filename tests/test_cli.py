@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import image_bytes, tiny_model_config, tiny_net
@@ -37,6 +38,14 @@ def test_inspect_ambiguous_file_lists_each_state_dict(tmp_path, capsys):
     assert "[modelA_state_dict]" in out and "[modelB_state_dict]" in out
     assert main(["inspect", str(path), "--key", "modelB_state_dict"]) == 0
     assert "layout:  dict entry 'modelB_state_dict'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, kind", [(torch.zeros(3), "Tensor"), ([torch.zeros(2)], "list")])
+def test_inspect_a_file_that_holds_no_dict(tmp_path, capsys, content, kind):
+    path = tmp_path / "odd.pth"
+    torch.save(content, path)
+    assert main(["inspect", str(path)]) == 0
+    assert f"layout:  not decided: checkpoint holds a {kind}, not a state_dict" in capsys.readouterr().out
 
 
 def test_inspect_refuses_a_pickle_unless_trusted(tmp_path, capsys):

@@ -360,6 +360,15 @@ def test_raw_binary_request_and_answer(client):
     np.testing.assert_array_equal(np.frombuffer(response.data[length:], "<f4"), expected_probs(COLOURS[2]).numpy())
 
 
+def test_raw_binary_elements_past_the_shape_are_not_read(client):
+    data = b"".join(struct.pack("<I", 0) for _ in range(10_000))  # 10,000 empty elements for a shape of [1]
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(data)}}]}).encode()
+    response = client.post("/v2/models/tiny/infer", data=head + data,
+                           headers={"Inference-Header-Content-Length": str(len(head))})
+    assert response.status_code == 400 and "more than 1 elements; its shape says 1" in response.json["error"]
+
+
 def test_raw_gzip_body(client):
     body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                         "data": [base64.b64encode(image_bytes()).decode()]}]}
@@ -397,6 +406,9 @@ def fp32_body(**changes) -> dict:
         ({"json": fp32_body(parameters={"shared_memory_region": "r"})}, 400, "shared memory"),
         ({"json": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}}, 400, "base64"),
         ({"json": {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["AAAA"]}]}}, 400, "1 elements"),
+        # The count is checked before any element is decoded.
+        ({"json": {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["%%%", "AAAA", "AAAA"]}]}},
+         400, "3 elements; its shape says 2"),
         ({"json": {"inputs": [{"name": "image", "shape": [1, 3], "datatype": "BYTES", "data": ["AAAA"]}]}}, 400, "[N] or [N, 1]"),
         ({"json": {**fp32_body(), "outputs": [{"name": "probabilities", "parameters": {"classification": -1}}]}},
          400, "non-negative integer"),
