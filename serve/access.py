@@ -61,9 +61,8 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
         if request.endpoint in PREDICTION_ENDPOINTS:
             model = model or default_model
             metrics.observe_request(model if model in models else UNKNOWN_MODEL, response.status_code, elapsed)
-        code = _error_code(response)
-        if code:
-            metrics.errors.labels(code).inc()
+        if response.status_code >= 400:
+            metrics.errors.labels(g.get("error_code") or f"http_{response.status_code}").inc()
         log.info(json.dumps({
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
             "request_id": request_id,
@@ -78,12 +77,3 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
         }))
         return response
 
-
-def _error_code(response: Response) -> str | None:
-    if response.status_code < 400:
-        return None
-    body = response.get_json(silent=True) if response.is_json else None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("code"), str):
-        return error["code"]
-    return f"http_{response.status_code}"

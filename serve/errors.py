@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,36 @@ class BatchTimeoutError(ServeError):
 
 
 def error_response(status: int, code: str, message: str):
+    note_error_code(code)
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
-def _http_code(exc: HTTPException) -> str:
+def note_error_code(code: str) -> None:
+    """Record the answer's error code for the request's metrics (serve/access.py), whatever shape
+    its body has (V2's error bodies carry only a message)."""
+    g.error_code = code
+
+
+def http_error_code(exc: HTTPException) -> str:
     return (exc.name or "http_error").lower().replace(" ", "_")
 
 
 def finish_serve_error(exc: ServeError, response: Response) -> Response:
-    """What every ServeError answer shares, whatever its body's shape: a log line for real server
-    faults, Retry-After on 503s (overload, timeouts, not ready)."""
+    """What every ServeError answer shares, whatever its body's shape: its code noted, a log line for
+    real server faults, Retry-After on 503s (overload, timeouts, not ready)."""
+    note_error_code(exc.code)
     if exc.status >= 500 and exc.status != 503:
         log.error("%s: %s", exc.code, exc.message)
     if exc.status == 503:
         response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
+    return response
+
+
+def finish_http_error(exc: HTTPException, response: Response) -> Response:
+    """What every HTTPException answer shares: its code noted, Allow on a 405."""
+    note_error_code(http_error_code(exc))
+    if exc.code == 405 and getattr(exc, "valid_methods", None):
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
     return response
 
 
@@ -119,10 +135,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        response, status = error_response(exc.code or 500, _http_code(exc), exc.description or exc.name)
-        if exc.code == 405 and exc.valid_methods:
-            response.headers["Allow"] = ", ".join(exc.valid_methods)
-        return response, status
+        response, status = error_response(exc.code or 500, http_error_code(exc), exc.description or exc.name)
+        return finish_http_error(exc, response), status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

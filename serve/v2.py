@@ -70,7 +70,9 @@ from serve.errors import (
     NotReadyError,
     ServeError,
     UnsupportedMediaTypeError,
+    finish_http_error,
     finish_serve_error,
+    note_error_code,
 )
 from serve.predictor import Predictor
 from serve.registry import Registry
@@ -110,15 +112,13 @@ def _serve_error(exc: ServeError) -> Response:
 
 @v2.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> Response:
-    response = _json({"error": exc.description or exc.name}, exc.code or 500)
-    if exc.code == 405 and getattr(exc, "valid_methods", None):
-        response.headers["Allow"] = ", ".join(exc.valid_methods)
-    return response
+    return finish_http_error(exc, _json({"error": exc.description or exc.name}, exc.code or 500))
 
 
 @v2.errorhandler(Exception)
 def _unexpected(exc: Exception) -> Response:
     log.exception("unhandled error")
+    note_error_code("internal_error")
     return _json({"error": "internal server error"}, 500)
 
 

@@ -477,6 +477,19 @@ def test_v2_inference_is_counted_in_the_metrics(client):
     assert client.get("/v2/health/live", headers={"X-Request-ID": "v2-2"}).headers["X-Request-ID"] == "v2-2"
 
 
+def test_v2_errors_are_counted_by_their_code(client):
+    """V2 error bodies hold only a message; the metrics still get the code, not http_400."""
+    def errors(code: str) -> float:
+        return metric(client.get("/metrics").get_data(as_text=True), "serve_errors_total", 0.0, code=code)
+
+    before = errors("invalid_request"), errors("model_not_found"), errors("method_not_allowed")
+    assert client.post("/v2/models/tiny/infer", json={"inputs": []}).status_code == 400
+    assert client.post("/v2/models/nope/infer", json=fp32_body()).status_code == 404
+    assert client.delete("/v2/models/tiny/infer").status_code == 405
+    after = errors("invalid_request"), errors("model_not_found"), errors("method_not_allowed")
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
 def test_raw_body_limits_are_413(v2_app, client, monkeypatch):
     monkeypatch.setitem(v2_app.config, "MAX_CONTENT_LENGTH", 1000)
     assert v2_error(client.post("/v2/models/tiny/infer", json=fp32_body()))[0] == 413
