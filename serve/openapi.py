@@ -40,7 +40,7 @@ PREDICTION_RESPONSES = {
     "404": _error("unknown model"),
     "413": _error("body, pixels or files over the limits"),
     "415": _error("not an image content type"),
-    "503": _error("not ready, overloaded (with Retry-After) or timed out"),
+    "503": _error("overloaded (with Retry-After) or timed out"),
 }
 
 
@@ -140,7 +140,7 @@ def v2_paths(names: list[str]) -> dict[str, Any]:
         "404": _v2_error("unknown model or version")}}
     ready = {"summary": "Model readiness", "responses": {
         "200": _json({"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}),
-        "404": _v2_error("unknown model or version"), "503": _json({"type": "object"}, "not ready")}}
+        "404": _v2_error("unknown model or version")}}
     infer = {"summary": "Inference: FP32 [N,C,H,W] tensor 'input' or BYTES [N] encoded images 'image'; "
                         "JSON or the binary tensor extension (Inference-Header-Content-Length)",
              "requestBody": {"required": True, "content": {
@@ -154,7 +154,7 @@ def v2_paths(names: list[str]) -> dict[str, Any]:
                  "404": _v2_error("unknown model or version"),
                  "413": _v2_error("body or image over the limits"),
                  "415": _v2_error("unknown Content-Encoding"),
-                 "503": _v2_error("not ready, overloaded or timed out")}}
+                 "503": _v2_error("overloaded or timed out")}}
     return {
         "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {"200": _json(
             {"type": "object", "properties": {"live": {"type": "boolean"}}})}}},

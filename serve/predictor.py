@@ -49,7 +49,6 @@ class Predictor:
         self.normalize = build_normalizer(spec.preprocess, loaded.device)
         self.num_classes: int | None = None
         self.forward_ms: float | None = None  # batch-1 CPU forward on one thread, timed at warm-up
-        self.ready = False
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -76,7 +75,6 @@ class Predictor:
             )
         if self.loaded.device.type == "cpu":
             self.forward_ms = self._time_forward(blank)
-        self.ready = True
 
     def _time_forward(self, blank: torch.Tensor, runs: int = 5) -> float:
         """The fastest batch-1 forward on one torch thread, in ms of this thread's CPU time (so other
@@ -180,7 +178,7 @@ class Predictor:
             "name": spec.name,
             "architecture": spec.architecture or "whole-model pickle",
             "device": str(self.loaded.device),
-            "ready": self.ready,
+            "ready": True,  # a model is served only once loaded and warm (Registry._build_and_install)
             "input": {
                 "shape": list(self.input_shape),
                 "mode": pre.mode,

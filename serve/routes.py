@@ -69,8 +69,6 @@ def reload_model(name: str):
 def predict(name: str | None = None):
     reg = registry()
     predictor = reg.get(name or reg.default_name)
-    if not predictor.ready:
-        raise NotReadyError(f"model '{predictor.spec.name}' is not ready")
     topk = predictor.check_topk(parse_topk(request, predictor.spec.topk))
     reg.admit()
     images, many = read_images(request, reg.config.server.max_images_per_request)
@@ -116,11 +114,7 @@ def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
             raise TooManyImagesError(f"{len(files)} images in one request; the limit is {limit}")
         return [f.read() for f in files], len(files) > 1
     if mimetype.startswith("image/") or mimetype in RAW_TYPES:
-        data = req.get_data(cache=False)
-        limit_bytes = current_app.config["MAX_CONTENT_LENGTH"]
-        if req.content_length is None and len(data) >= limit_bytes and req.input_stream.read(1):
-            # A chunked body has no Content-Length: werkzeug stops at the limit without saying so.
-            raise RequestEntityTooLarge()
+        data = read_whole_body(req)
         if not data:
             raise InvalidRequestError("the request body is empty; send image bytes or multipart/form-data")
         return [data], False
@@ -128,6 +122,20 @@ def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
         f"Content-Type '{mimetype}' is not supported; send image bytes (image/*, application/octet-stream) "
         "or multipart/form-data"
     )
+
+
+def read_whole_body(req: Request) -> bytes:
+    """The body, up to MAX_CONTENT_LENGTH.
+
+    Raises:
+        RequestEntityTooLarge: longer, also for a chunked body (no Content-Length), which werkzeug
+            silently cuts at the limit.
+    """
+    data = req.get_data(cache=False)
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and req.content_length is None and len(data) >= limit and req.input_stream.read(1):
+        raise RequestEntityTooLarge()
+    return data
 
 
 def preprocess_one(predictor: Predictor, data: bytes, index: int, count: int) -> torch.Tensor:

@@ -67,7 +67,6 @@ from werkzeug.exceptions import (
 from serve.errors import (
     InvalidRequestError,
     ModelNotFoundError,
-    NotReadyError,
     ServeError,
     UnsupportedMediaTypeError,
     finish_http_error,
@@ -75,8 +74,7 @@ from serve.errors import (
     note_error_code,
 )
 from serve.predictor import Predictor
-from serve.registry import Registry
-from serve.routes import preprocess_one
+from serve.routes import preprocess_one, read_whole_body, registry
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +89,6 @@ TENSOR_INPUT = "input"
 IMAGE_INPUT = "image"
 OUTPUT = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def registry() -> Registry:
-    return current_app.extensions["serve"]
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -170,8 +164,7 @@ def model_metadata(name: str, version: str | None = None):
 @v2.get("/v2/models/<name>/ready")
 @v2.get("/v2/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None):
-    predictor = _model(name, version)
-    return _json({"name": predictor.spec.name, "ready": predictor.ready}, 200 if predictor.ready else 503)
+    return _json({"name": _model(name, version).spec.name, "ready": True})  # served only once warm
 
 
 @v2.route("/v2/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
@@ -207,8 +200,6 @@ class RequestedOutput:
 def infer(name: str, version: str | None = None):
     reg = registry()
     predictor = _model(name, version)
-    if not predictor.ready:
-        raise NotReadyError(f"model '{predictor.spec.name}' is not ready")
     reg.admit()
     header, binary = read_body()
     request_id = header.get("id")
@@ -250,11 +241,8 @@ def read_body() -> tuple[dict, bytes]:
         RequestEntityTooLarge: over max_upload_bytes, compressed or not.
         UnsupportedMediaTypeError: a Content-Encoding other than gzip or deflate.
     """
-    body = request.get_data(cache=False)
-    limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if limit and request.content_length is None and len(body) >= limit and request.input_stream.read(1):
-        raise RequestEntityTooLarge()  # a chunked body: werkzeug stops at the limit without saying so
-    body = decompress(body, request.headers.get("Content-Encoding", ""), limit)
+    body = read_whole_body(request)
+    body = decompress(body, request.headers.get("Content-Encoding", ""), current_app.config.get("MAX_CONTENT_LENGTH"))
     raw_length = request.headers.get(HEADER_LENGTH)
     if raw_length is None:
         head, binary = body, b""

@@ -41,13 +41,6 @@ def test_ready(client):
     assert response.status_code == 200 and response.json == {"status": "ready", "models": ["tiny"]}
 
 
-def test_ready_is_503_when_a_model_is_not_warm(app, client):
-    app.extensions["serve"].predictors["tiny"].ready = False
-    response = client.get("/ready")
-    assert response.status_code == 503 and response.json["error"]["code"] == "not_ready"
-    assert client.post("/predictions/tiny", data=image_bytes(), content_type="image/png").status_code == 503
-
-
 def test_model_metadata(client, tiny_checkpoint):
     meta = client.get("/models/tiny").json
     assert meta["name"] == "tiny" and meta["architecture"] == "models.tiny:TinyNet"

@@ -21,7 +21,6 @@ from werkzeug.serving import make_server
 
 from serve.app import create_app
 from serve.config import build_config
-from serve.errors import OverloadedError
 
 MAX_IMAGES = 4
 
@@ -442,24 +441,21 @@ def test_raw_unknown_routes_and_methods(client):
     assert client.get("/no/such/route").json["error"]["code"] == "not_found"
 
 
-def test_raw_not_ready_and_overloaded_are_503(v2_app, client, monkeypatch):
-    reg = v2_app.extensions["serve"]
-    monkeypatch.setattr(reg.predictors["tiny"], "ready", False)
-    assert client.get("/v2/health/ready").status_code == 503
-    assert client.get("/v2/health/ready").json == {"ready": False}
-    assert client.get("/v2/health/live").status_code == 200
-    response = client.get("/v2/models/tiny/ready")
-    assert (response.status_code, response.json) == (503, {"name": "tiny", "ready": False})
-    response = client.post("/v2/models/tiny/infer", json=fp32_body())
-    assert v2_error(response) == (503, "model 'tiny' is not ready") and response.headers["Retry-After"] == "1"
-    monkeypatch.setattr(reg.predictors["tiny"], "ready", True)
-
-    def full(count=1):
-        raise OverloadedError("server busy")
-
-    monkeypatch.setattr(reg, "admit", full)
-    response = client.post("/v2/models/tiny/infer", json=fp32_body())
-    assert v2_error(response) == (503, "server busy") and response.headers["Retry-After"] == "1"
+def test_raw_overloaded_is_503(tmp_path):
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(tiny_net().state_dict(), checkpoint)
+    app = create_app(build_config({"models": [tiny_model_config(checkpoint)], "server": {"max_queue": 1}}))
+    registry = app.extensions["serve"]
+    release = threading.Event()
+    blocker = registry.batcher.call(release.wait, 10)  # the inference thread is busy: 1 image's worth queued
+    try:
+        response = app.test_client().post("/v2/models/tiny/infer", json=fp32_body())
+        status, message = v2_error(response)
+        assert status == 503 and message.startswith("server busy") and response.headers["Retry-After"] == "1"
+    finally:
+        release.set()
+        assert blocker.result(10) is True
+        registry.close()
 
 
 def test_v2_inference_is_counted_in_the_metrics(client):
