@@ -64,6 +64,23 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture
+def make_app(tiny_checkpoint):
+    """create_app for a test's own config: make_app(*models, **server), the tiny model by default;
+    every app made is closed (its inference thread stopped) afterwards."""
+    made = []
+
+    def make(*models, **server):
+        app = create_app(build_config({"models": list(models) or [tiny_model_config(tiny_checkpoint)],
+                                       "server": server}))
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.extensions["serve"].close()
+
+
 _ABSENT = object()
 
 

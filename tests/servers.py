@@ -45,8 +45,10 @@ def worker_pids(master: int, expected: int | None = None) -> set[int]:
     deadline = time.monotonic() + 10
     while True:
         pids = {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
-        if expected is None or len(pids) == expected or time.monotonic() > deadline:
+        if expected is None or len(pids) == expected:
             return pids
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gunicorn {master} has {len(pids)} workers, not {expected}, after 10 s")
         time.sleep(0.05)
 
 

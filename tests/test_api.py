@@ -10,7 +10,6 @@ from conftest import LABELS, expected_probs, image_bytes, tiny_model_config
 from flask import Flask
 
 from serve.app import create_app
-from serve.config import build_config
 from serve.errors import ConfigError, register_error_handlers
 
 
@@ -134,27 +133,24 @@ def test_unknown_model_route_and_method(client):
     assert "POST" in response.headers["Allow"]
 
 
-def limited_client(tiny_checkpoint, **server):
-    config = build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": server})
-    return create_app(config).test_client()
 
 
-def test_body_too_large_is_413(tiny_checkpoint):
-    client = limited_client(tiny_checkpoint, max_upload_bytes=1000)
+def test_body_too_large_is_413(make_app):
+    client = make_app(max_upload_bytes=1000).test_client()
     big = image_bytes(size=(300, 300), fmt="BMP")
     assert error(client.post("/predictions/tiny", data=big, content_type="image/bmp"))[:2] == (413, "request_entity_too_large")
     multipart = post_files(client, [big])
     assert error(multipart)[:2] == (413, "request_entity_too_large")
 
 
-def test_too_many_pixels_is_413(tiny_checkpoint):
-    client = limited_client(tiny_checkpoint, max_image_pixels=100)
+def test_too_many_pixels_is_413(make_app):
+    client = make_app(max_image_pixels=100).test_client()
     status, code, message = error(client.post("/predictions/tiny", data=image_bytes(size=(20, 20)), content_type="image/png"))
     assert (status, code) == (413, "image_too_large") and "20x20 = 400 pixels" in message
 
 
-def test_too_many_images_is_413(tiny_checkpoint):
-    client = limited_client(tiny_checkpoint, max_images_per_request=2)
+def test_too_many_images_is_413(make_app):
+    client = make_app(max_images_per_request=2).test_client()
     status, code, message = error(post_files(client, [image_bytes()] * 3, path="/predictions/tiny"))
     assert (status, code) == (413, "too_many_images") and "3 images" in message
 
@@ -183,27 +179,26 @@ def test_startup_refuses_a_bad_model(tiny_checkpoint):
         create_app({"models": [tiny_model_config(tiny_checkpoint, labels=["a", "b"])]})
 
 
-def test_several_models_served_side_by_side(tmp_path, tiny_checkpoint):
+def test_several_models_served_side_by_side(tmp_path, tiny_checkpoint, make_app):
     from models.seed_fcn import MyModel
 
     seed = tmp_path / "seed.pth"
     torch.save({"epoch": 1, "model_state_dict": MyModel().state_dict()}, seed)
-    config = {"models": [
+    client = make_app(
         tiny_model_config(tiny_checkpoint),
         {"name": "seed", "architecture": "models.seed_fcn:MyModel", "checkpoint": str(seed), "device": "cpu",
          "preprocess": {"resize": 72, "crop": 64}},
-    ]}
-    client = create_app(config).test_client()
+    ).test_client()
     answer = client.post("/predictions/seed?topk=2", data=image_bytes(size=(100, 80)), content_type="image/png").json
     assert answer["model"] == "seed" and len(answer["predictions"]) == 2
     assert client.get("/models/seed").json["num_classes"] == 32
     assert client.post("/predictions/tiny", data=image_bytes(), content_type="image/png").json == expected_answer((255, 0, 0))
 
 
-def test_full_queue_is_shed_at_once_with_retry_after(tiny_checkpoint):
+def test_full_queue_is_shed_at_once_with_retry_after(make_app):
     import threading
 
-    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": {"max_queue": 2}}))
+    app = make_app(max_queue=2)
     registry = app.extensions["serve"]
     release = threading.Event()
     blocker = registry.batcher.call(release.wait, 10)  # occupies the inference thread: 1 pending
@@ -225,10 +220,10 @@ def test_full_queue_is_shed_at_once_with_retry_after(tiny_checkpoint):
     assert registry.batcher.pending == 0
 
 
-def test_request_deadline_answers_503(tiny_checkpoint):
+def test_request_deadline_answers_503(make_app):
     import threading
 
-    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": {"request_timeout_s": 0.05}}))
+    app = make_app(request_timeout_s=0.05)
     release = threading.Event()
     app.extensions["serve"].batcher.call(release.wait, 10)
     response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")
@@ -237,26 +232,23 @@ def test_request_deadline_answers_503(tiny_checkpoint):
     assert (status, code) == (503, "timeout") and "did not answer within 0.05s" in message
 
 
-def test_request_deadline_covers_all_its_images(tiny_checkpoint):
+def test_request_deadline_covers_all_its_images(tiny_checkpoint, make_app):
     """One deadline per request: two images in batches of one, 200 ms each, miss a 300 ms deadline
     although each image alone would make it."""
     slow = tiny_model_config(tiny_checkpoint, architecture="models.tiny:SlowNet", kwargs={"delay_ms": 200},
                              max_batch_size=1)
-    app = create_app(build_config({"models": [slow], "server": {"request_timeout_s": 0.3}}))
-    try:
-        files = {"a": (io.BytesIO(image_bytes()), "a.png"), "b": (io.BytesIO(image_bytes()), "b.png")}
-        response = app.test_client().post("/predictions/tiny", data=files, content_type="multipart/form-data")
-        assert error(response)[:2] == (503, "timeout")
-    finally:
-        app.extensions["serve"].close()
+    app = make_app(slow, request_timeout_s=0.3)
+    files = {"a": (io.BytesIO(image_bytes()), "a.png"), "b": (io.BytesIO(image_bytes()), "b.png")}
+    response = app.test_client().post("/predictions/tiny", data=files, content_type="multipart/form-data")
+    assert error(response)[:2] == (503, "timeout")
 
 
 def test_reload_is_off_by_default(client):
     assert error(client.post("/models/tiny/reload"))[:2] == (404, "not_found")
 
 
-def test_reload_swaps_weights_only_when_the_new_file_works(tiny_checkpoint):
-    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)], "server": {"enable_management": True}}))
+def test_reload_swaps_weights_only_when_the_new_file_works(tiny_checkpoint, make_app):
+    app = make_app(enable_management=True)
     client = app.test_client()
     red = image_bytes((255, 0, 0))
     old_sha = client.get("/models/tiny").json["checkpoint"]["sha256"]
@@ -277,11 +269,11 @@ def test_reload_swaps_weights_only_when_the_new_file_works(tiny_checkpoint):
     assert client.get("/ready").status_code == 200
 
 
-def test_reload_refuses_a_file_that_fails_its_sha256(tiny_checkpoint):
+def test_reload_refuses_a_file_that_fails_its_sha256(tiny_checkpoint, make_app):
     from serve.loader import file_sha256
 
     spec = tiny_model_config(tiny_checkpoint, sha256=file_sha256(tiny_checkpoint))
-    client = create_app(build_config({"models": [spec], "server": {"enable_management": True}})).test_client()
+    client = make_app(spec, enable_management=True).test_client()
     torch.save(tiny_net_with_weight(torch.zeros(3, 3)).state_dict(), tiny_checkpoint)
     status, code, message = error(client.post("/models/tiny/reload"))
     assert (status, code) == (409, "reload_failed") and "config expects" in message

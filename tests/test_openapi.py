@@ -41,14 +41,9 @@ def test_document_lists_every_route(live_app):
     assert "POST /models/{name}/reload" not in documented  # not served unless management is on
 
 
-def test_document_lists_reload_where_management_is_on(tiny_checkpoint):
-    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)],
-                                   "server": {"enable_management": True}}))
-    try:
-        documented, served = documented_and_served(app)
-        assert documented == served and "POST /models/{name}/reload" in documented
-    finally:
-        app.extensions["serve"].close()
+def test_document_lists_reload_where_management_is_on(make_app):
+    documented, served = documented_and_served(make_app(enable_management=True))
+    assert documented == served and "POST /models/{name}/reload" in documented
 
 
 def test_api_conforms_to_its_schema(live_app):

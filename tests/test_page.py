@@ -21,7 +21,7 @@ from werkzeug.serving import make_server
 
 from serve.app import create_app
 from serve.config import DEFAULT_CONFIG_PATH, load_config
-from serve.page import STATIC_DIR, page
+from serve.page import STATIC_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -33,20 +33,8 @@ WAIT_S = 60
 # ---- routes, through the test client (no browser) ------------------------------------------------
 
 
-def with_page(app):
-    """Register the page blueprint, unless create_app() already does (registering twice is an error)."""
-    if "page" not in app.blueprints:
-        app.register_blueprint(page)
-    return app
-
-
-@pytest.fixture
-def page_client(app):
-    return with_page(app).test_client()
-
-
-def test_index_and_assets(page_client):
-    index = page_client.get("/")
+def test_index_and_assets(client):
+    index = client.get("/")
     assert index.status_code == 200 and index.mimetype == "text/html"
     html = index.get_data(as_text=True)
     assert '<input id="file" type="file" accept="image/*"' in html
@@ -54,19 +42,19 @@ def test_index_and_assets(page_client):
     assert "default-src 'none'" in index.headers["Content-Security-Policy"]
     assert index.headers["X-Content-Type-Options"] == "nosniff"
     for path, mimetype in [("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")]:
-        asset = page_client.get(path)
+        asset = client.get(path)
         assert asset.status_code == 200 and asset.mimetype == mimetype, path
         assert asset.data == (STATIC_DIR / path.removeprefix("/ui/")).read_bytes()
     # The API around it is unchanged.
-    assert page_client.get("/models").json["models"][0]["name"] == "tiny"
+    assert client.get("/models").json["models"][0]["name"] == "tiny"
 
 
 @pytest.mark.parametrize("path", [
     "/ui/../page.py", "/ui/..%2fpage.py", "/ui/%2e%2e/page.py", "/ui/../../README.md",
     "/ui/%2e%2e%2f%2e%2e%2fREADME.md", "/ui//etc/passwd", "/ui/..\\page.py", "/ui/missing.js",
 ])
-def test_no_path_escapes_the_static_folder(page_client, path):
-    answer = page_client.get(path, follow_redirects=True)  # werkzeug redirects "//" to "/" first
+def test_no_path_escapes_the_static_folder(client, path):
+    answer = client.get(path, follow_redirects=True)  # werkzeug redirects "//" to "/" first
     assert answer.status_code == 404, path
     assert b"Blueprint" not in answer.data and b"torch-serve" not in answer.data
 
@@ -85,7 +73,7 @@ def test_page_fetches_nothing_from_elsewhere():
 @pytest.fixture(scope="module")
 def live_server():
     """The default model behind werkzeug in a daemon thread, the page blueprint registered."""
-    app = with_page(create_app(load_config(DEFAULT_CONFIG_PATH, env={"SERVE_DEVICE": "cpu"})))
+    app = create_app(load_config(DEFAULT_CONFIG_PATH, env={"SERVE_DEVICE": "cpu"}))
     server = make_server("127.0.0.1", 0, app, threaded=True)  # port 0: the kernel picks a free one
     thread = threading.Thread(target=server.serve_forever, name="page-test-server", daemon=True)
     thread.start()

@@ -8,11 +8,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import image_bytes, tiny_model_config
+from conftest import image_bytes
 from PIL import Image
 
-from serve.app import create_app
-from serve.config import PreprocessSpec, build_config
+from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
 from serve.memory import PixelBudget
 from serve.preprocess import build_normalizer, build_transform, decode_image
@@ -191,19 +190,15 @@ def test_an_image_over_the_budget_still_gets_in_alone():
     assert budget.in_flight == 0
 
 
-def test_a_request_decodes_only_within_the_workers_pixel_budget(tiny_checkpoint):
-    app = create_app(build_config({"models": [tiny_model_config(tiny_checkpoint)],
-                                   "server": {"max_image_pixels": 1000}}))
+def test_a_request_decodes_only_within_the_workers_pixel_budget(make_app):
+    app = make_app(max_image_pixels=1000)
     budget = app.extensions["serve"].pixels
     answers = []
-    try:
-        with budget.hold(1000):  # another request's image holds the whole budget
-            request = threading.Thread(target=lambda: answers.append(app.test_client().post(
-                "/predictions/tiny", data=image_bytes(size=(16, 16)), content_type="image/png")))
-            request.start()
-            _wait_for(lambda: budget._next_ticket == 2)  # read the header, now waiting to decode
-            assert answers == []
-        request.join(10)
-        assert answers[0].status_code == 200 and budget.in_flight == 0
-    finally:
-        app.extensions["serve"].close()
+    with budget.hold(1000):  # another request's image holds the whole budget
+        request = threading.Thread(target=lambda: answers.append(app.test_client().post(
+            "/predictions/tiny", data=image_bytes(size=(16, 16)), content_type="image/png")))
+        request.start()
+        _wait_for(lambda: budget._next_ticket == 2)  # read the header, now waiting to decode
+        assert answers == []
+    request.join(10)
+    assert answers[0].status_code == 200 and budget.in_flight == 0

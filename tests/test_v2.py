@@ -176,30 +176,24 @@ def test_fp32_forward_runs_on_the_batcher_thread(triton, v2_app):
     assert threads == ["inference"]
 
 
-def test_fp32_batches_keep_the_models_max_batch_size_and_count_per_image(tmp_path):
-    checkpoint = tmp_path / "tiny.pth"
-    torch.save(tiny_net().state_dict(), checkpoint)
-    app = create_app(build_config({"models": [tiny_model_config(checkpoint, max_batch_size=2)],
-                                   "server": {"max_images_per_request": 5}}))
+def test_fp32_batches_keep_the_models_max_batch_size_and_count_per_image(tiny_checkpoint, make_app):
+    app = make_app(tiny_model_config(tiny_checkpoint, max_batch_size=2), max_images_per_request=5)
     registry = app.extensions["serve"]
     sizes, depths = [], []
     module = registry.get("tiny").loaded.module
     module.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
     observe = registry.metrics.observe_batch
     registry.metrics.observe_batch = lambda *a: (depths.append(a[-1]), observe(*a))
-    try:
-        batch = dyadic_batch(5, seed=3)
-        response = app.test_client().post("/v2/models/tiny/infer", json=fp32_body(
-            shape=list(batch.shape), data=batch.flatten().tolist()))
-        assert response.status_code == 200, response.json
-        [output] = response.json["outputs"]
-        np.testing.assert_array_equal(np.array(output["data"], dtype=np.float32).reshape(5, 3), expected_fp32(batch))
-        # As the model's lane batches images (how many a batch gathers depends on when they were
-        # queued), never one forward of 5; the queue depth counts the images still waiting.
-        assert sum(sizes) == 5 and max(sizes) <= 2
-        assert depths == [5 - sum(sizes[:i + 1]) for i in range(len(sizes))]
-    finally:
-        registry.close()
+    batch = dyadic_batch(5, seed=3)
+    response = app.test_client().post("/v2/models/tiny/infer", json=fp32_body(
+        shape=list(batch.shape), data=batch.flatten().tolist()))
+    assert response.status_code == 200, response.json
+    [output] = response.json["outputs"]
+    np.testing.assert_array_equal(np.array(output["data"], dtype=np.float32).reshape(5, 3), expected_fp32(batch))
+    # As the model's lane batches images (how many a batch gathers depends on when they were
+    # queued), never one forward of 5; the queue depth counts the images still waiting.
+    assert sum(sizes) == 5 and max(sizes) <= 2
+    assert depths == [5 - sum(sizes[:i + 1]) for i in range(len(sizes))]
 
 
 def test_fp32_gzip_request(triton):
@@ -441,10 +435,8 @@ def test_raw_unknown_routes_and_methods(client):
     assert client.get("/no/such/route").json["error"]["code"] == "not_found"
 
 
-def test_raw_overloaded_is_503(tmp_path):
-    checkpoint = tmp_path / "tiny.pth"
-    torch.save(tiny_net().state_dict(), checkpoint)
-    app = create_app(build_config({"models": [tiny_model_config(checkpoint)], "server": {"max_queue": 1}}))
+def test_raw_overloaded_is_503(make_app):
+    app = make_app(max_queue=1)
     registry = app.extensions["serve"]
     release = threading.Event()
     blocker = registry.batcher.call(release.wait, 10)  # the inference thread is busy: 1 image's worth queued
@@ -455,7 +447,6 @@ def test_raw_overloaded_is_503(tmp_path):
     finally:
         release.set()
         assert blocker.result(10) is True
-        registry.close()
 
 
 def test_v2_inference_is_counted_in_the_metrics(client):
@@ -486,8 +477,8 @@ def test_v2_errors_are_counted_by_their_code(client):
     assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
 
 
-def test_raw_body_limits_are_413(v2_app, client, monkeypatch):
-    monkeypatch.setitem(v2_app.config, "MAX_CONTENT_LENGTH", 1000)
+def test_raw_body_limits_are_413(make_app):
+    client = make_app(max_upload_bytes=1000).test_client()
     assert v2_error(client.post("/v2/models/tiny/infer", json=fp32_body()))[0] == 413
     bomb = gzip.compress(json.dumps(fp32_body()).encode())
     assert len(bomb) < 1000
