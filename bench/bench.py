@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-CORES = len(os.sched_getaffinity(0))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from servers import free_port  # noqa: E402
+
+from serve.cores import available_cores  # noqa: E402
+
+CORES = available_cores()  # the server's own default worker count
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 LITE = ([0.498, 0.498, 0.498], [0.502, 0.502, 0.502])
 
@@ -120,12 +124,6 @@ def measure_limit(model: dict, image: Path, batch: int, procs: int, threads: int
 
 
 # ---------------------------------------------------------------- servers and load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gunicorn:
@@ -219,7 +217,7 @@ def _answers(port: int, method: str, path: str, body: bytes | None) -> bool:
         return False
 
 
-def closed_loop(port: int, path: str, body_file: Path, concurrency: int, seconds: float, warmup: float = 1.0) -> dict:
+def closed_loop(port: int, path: str, body_file: Path, concurrency: int, seconds: float) -> dict:
     """`concurrency` keep-alive clients (wrk, one thread), each sending the next request when answered."""
     url = f"http://127.0.0.1:{port}{path}"
     env = {**os.environ, "BENCH_BODY": str(body_file)}
@@ -229,8 +227,6 @@ def closed_loop(port: int, path: str, body_file: Path, concurrency: int, seconds
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60).stdout
         return json.loads(out.split("BENCH ", 1)[1])
 
-    if warmup:
-        wrk(warmup)
     r = wrk(seconds)  # wrk takes whole seconds
     ok = r["requests"] - r["non_2xx"]
     return {"concurrency": concurrency, "requests": r["requests"],
@@ -295,11 +291,11 @@ def run(args) -> dict:
             pair = {}
             for label, path in (order if i % 2 == 0 else order[::-1]):
                 server = ours if label == "server" else base
-                closed_loop(server.port, path, image, c, 1.0, warmup=0)
+                closed_loop(server.port, path, image, c, 1.0)
                 base = settle(server, base, model, args.workers, workdir / f"{name}-base.log")
                 server = ours if label == "server" else base
                 cpu = server.cpu_seconds()
-                result = closed_loop(server.port, path, image, c, args.seconds, warmup=0)
+                result = closed_loop(server.port, path, image, c, args.seconds)
                 result["cpu_ms_per_request"] = round(1000 * (server.cpu_seconds() - cpu) / max(result["requests"], 1), 2)
                 base = settle(server, base, model, args.workers, workdir / f"{name}-base.log")
                 pair[label] = result
@@ -331,7 +327,7 @@ def measure_memory(workdir: Path, body: Path) -> dict:
         deadline = time.monotonic() + 10
         while len(server.pids()) < workers + 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        closed_loop(server.port, "/predictions/efficientnet_lite0", body, workers * 2, 2, warmup=0)
+        closed_loop(server.port, "/predictions/efficientnet_lite0", body, workers * 2, 2)
         memory[str(workers)] = server.memory_mb()
         server.stop()
         print(f"memory, {workers} worker(s): {memory[str(workers)]}", flush=True)

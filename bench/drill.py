@@ -45,7 +45,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from servers import wait_ready  # noqa: E402
+from servers import GUNICORN, free_port, wait_ready  # noqa: E402
 
 NGINX = "/usr/sbin/nginx"
 START_TIMEOUT_S = 120
@@ -108,12 +108,6 @@ http {{
     }}
 }}
 """
-
-
-def free_port() -> int:
-    from servers import free_port as _free_port
-
-    return _free_port()
 
 
 def image_png() -> bytes:
@@ -201,8 +195,7 @@ class Replica:
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                GUNICORN, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # pgid == the master's pid: os.killpg reaches master and workers
             )
         self.pgids.append(self.proc.pid)

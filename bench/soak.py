@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
 
-    corpus = [c for c in build_corpus() if not c.tags or "slow" not in c.tags]
+    corpus = build_corpus()
     photo = cat_jpeg()
     log = Path(tempfile.mkdtemp(prefix="soak-")) / "gunicorn.log"
     server = Server({"SERVE_DEVICE": "cpu", "WEB_CONCURRENCY": str(args.workers)}, log)

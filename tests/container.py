@@ -24,7 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from servers import ROOT
+
 STATE = Path(os.environ.get("SERVE_DOCKER_STATE", "/var/cache/ts-docker"))
 BASE_IMAGE = "torch-serve-base:bookworm"
 IMAGE = "torch-serve:test"

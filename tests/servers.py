@@ -52,6 +52,10 @@ def worker_pids(master: int, expected: int | None = None) -> set[int]:
         time.sleep(0.05)
 
 
+# How the README runs the server, and every test that starts one.
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"]
+
+
 class Server:
     def __init__(self, env: dict[str, str], log: Path):
         self.port = free_port()
@@ -59,8 +63,7 @@ class Server:
         self.log = log
         full_env = {**os.environ, "PORT": str(self.port), "SERVE_HOST": "127.0.0.1", **env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
-            cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            GUNICORN, cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )
         self.started = time.monotonic()
         self.ready_after_s = self._wait_ready()

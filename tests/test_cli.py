@@ -4,16 +4,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import image_bytes, tiny_model_config, tiny_net
+from servers import ROOT
 
 from serve.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_inspect_general_checkpoint(tmp_path, capsys):

@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from conftest import expected_probs, image_bytes, tiny_model_config
-from servers import Server, free_port, worker_pids
-
-ROOT = Path(__file__).resolve().parent.parent
+from servers import GUNICORN, ROOT, Server, free_port, worker_pids
 
 
 @pytest.fixture(scope="module")
@@ -92,21 +89,12 @@ def test_hostile_requests_get_4xx_and_kill_no_worker(tiny_server):
     assert requests.get(f"{tiny_server.url}/ready", timeout=5).status_code == 200
 
 
-def test_sigterm_stops_gracefully_with_status_0(tmp_path, tiny_checkpoint):
-    config = tmp_path / "models.yaml"
-    config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint)]}))
-    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "1"}, tmp_path / "gunicorn.log")
-    assert requests.get(f"{server.url}/ready", timeout=5).status_code == 200
-    assert server.stop() == 0
-
-
 def test_bad_config_stops_the_server_with_a_clear_message(tmp_path, tiny_checkpoint):
     config = tmp_path / "models.yaml"
     config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint, topk=-1)]}))
     env = {**os.environ, "SERVE_CONFIG": str(config), "PORT": str(free_port())}
     result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        GUNICORN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0
     assert "model 'tiny': field 'topk': Input should be greater than 0" in result.stderr

@@ -11,14 +11,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from servers import Server, worker_pids
+from servers import ROOT, Server, worker_pids
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "efficientnet_lite0"
 WORKERS = 2
 REQUEST_TIMEOUT_S = 30

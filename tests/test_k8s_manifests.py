@@ -21,11 +21,11 @@ import kubernetes_validate.utils as kv_utils
 import pytest
 import referencing
 import yaml
+from servers import ROOT
 
 import serve.config
 from serve.config import SERVER_ENV, ServerSettings, build_config
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 ISVC_SCHEMA = K8S / "kserve" / "schema" / "inferenceservice-v1beta1.schema.json"
 # The oldest Kubernetes these manifests target (autoscaling/v2, policy/v1, seccompProfile are older)

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import requests
 from PIL import Image
+from servers import ROOT
 from werkzeug.serving import make_server
 
 from serve.app import create_app
 from serve.config import DEFAULT_CONFIG_PATH, load_config
 from serve.page import STATIC_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 NGINX = "/usr/sbin/nginx"
 
 pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK),

@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from servers import ROOT
 
 
 def test_short_soak_serves_everything_and_keeps_every_worker(tmp_path):
