@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: install serve test check bench soak wrk
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }  # no half-made venv that make takes as built
 
 install: $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt

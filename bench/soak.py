@@ -63,7 +63,8 @@ def main() -> int:
     corpus = build_corpus()
     photo = cat_jpeg()
     log = Path(tempfile.mkdtemp(prefix="soak-")) / "gunicorn.log"
-    server = Server({"SERVE_DEVICE": "cpu", "WEB_CONCURRENCY": str(args.workers)}, log)
+    # The default model (efficientnet_lite0, asked for below), whatever SERVE_* the shell has set.
+    server = Server({"SERVE_DEVICE": "cpu", "WEB_CONCURRENCY": str(args.workers)}, log, inherit_settings=False)
     model = "efficientnet_lite0"
     pids_before = worker_pids(server.proc.pid, expected=args.workers)
     samples = [{"t": 0.0, **{str(p): memory_kb(p) for p in pids_before}}]

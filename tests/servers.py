@@ -56,12 +56,20 @@ def worker_pids(master: int, expected: int | None = None) -> set[int]:
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"]
 
 
+def without_server_settings(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the server's own settings (SERVE_*, PORT, WEB_CONCURRENCY) a caller may have set."""
+    return {k: v for k, v in env.items() if not k.startswith("SERVE_") and k not in ("WEB_CONCURRENCY", "PORT")}
+
+
 class Server:
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, inherit_settings: bool = True):
+        """gunicorn with `env` over this process's environment; without inherit_settings, over it
+        less the caller's own server settings (the default config, whatever the shell has set)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        full_env = {**os.environ, "PORT": str(self.port), "SERVE_HOST": "127.0.0.1", **env}
+        base = os.environ if inherit_settings else without_server_settings(os.environ)
+        full_env = {**base, "PORT": str(self.port), "SERVE_HOST": "127.0.0.1", **env}
         self.proc = subprocess.Popen(
             GUNICORN, cwd=ROOT, env=full_env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 import container
-from servers import ROOT, free_port
+from servers import ROOT, free_port, without_server_settings
 
 CATS = {"tiger cat", "Egyptian cat", "tabby"}
 LABEL = "serve-test=1"
@@ -98,8 +98,7 @@ def user_models(tmp_path_factory) -> Path:
 
 def compose_env(base: dict[str, str], **extra: str) -> dict[str, str]:
     """The environment compose interpolates from, without the caller's own server settings."""
-    kept = {k: v for k, v in base.items() if not k.startswith("SERVE_") and k not in ("WEB_CONCURRENCY", "PORT")}
-    return {**kept, **extra}
+    return {**without_server_settings(base), **extra}
 
 
 class Running:

@@ -7,7 +7,6 @@ ready afterwards. The EXIF case must be read upright: the same top-1 label as th
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -54,11 +53,8 @@ def corpus() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # The default config: no SERVE_* overrides from the caller's environment, CPU, two workers.
-    with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("SERVE_") or k in ("PORT", "WEB_CONCURRENCY")]:
-            mp.delenv(key)
-        server = Server({"WEB_CONCURRENCY": str(WORKERS), "SERVE_DEVICE": "cpu"},
-                        tmp_path_factory.mktemp("hostile") / "gunicorn.log")
+    server = Server({"WEB_CONCURRENCY": str(WORKERS), "SERVE_DEVICE": "cpu"},
+                    tmp_path_factory.mktemp("hostile") / "gunicorn.log", inherit_settings=False)
     server.workers_before = worker_pids(server.proc.pid, expected=WORKERS)
     server.outcomes = {}
     yield server
