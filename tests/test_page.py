@@ -1,6 +1,6 @@
 """The web page (serve/page.py, serve/static/): its routes, and the real page in headless Chromium.
 
-The browser tests serve the default model (EfficientNet-Lite0) with werkzeug in a thread, drive
+The browser tests serve the default model (EfficientNet-Lite0) under a real gunicorn, drive
 Debian's chromium through Selenium, upload scikit-image's cat photo through the file input and read
 the answer off the page, then upload a text file and read the error. Screenshots are kept in
 test-artifacts/ (git-ignored) and in tmp_path. They skip, saying why, where chromium, chromedriver or
@@ -11,17 +11,12 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image
-from servers import ROOT
-from werkzeug.serving import make_server
+from servers import ROOT, Server
 
-from serve.app import create_app
-from serve.config import DEFAULT_CONFIG_PATH, load_config
 from serve.page import STATIC_DIR
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -71,18 +66,12 @@ def test_page_fetches_nothing_from_elsewhere():
 
 
 @pytest.fixture(scope="module")
-def live_server():
-    """The default model behind werkzeug in a daemon thread, the page blueprint registered."""
-    app = create_app(load_config(DEFAULT_CONFIG_PATH, env={"SERVE_DEVICE": "cpu"}))
-    server = make_server("127.0.0.1", 0, app, threaded=True)  # port 0: the kernel picks a free one
-    thread = threading.Thread(target=server.serve_forever, name="page-test-server", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}/"
-    assert requests.get(url + "ready", timeout=30).status_code == 200
-    yield url
-    server.shutdown()
-    thread.join(timeout=10)
-    app.extensions["serve"].close()
+def live_server(tmp_path_factory):
+    """The default model under a real gunicorn, as `make serve` runs it."""
+    server = Server({"SERVE_DEVICE": "cpu", "WEB_CONCURRENCY": "1"},
+                    tmp_path_factory.mktemp("page") / "gunicorn.log", inherit_settings=False)
+    yield server.url + "/"
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe V2) API: the official tritonclient against a live HTTP server, exact answers.
 
-The server is a werkzeug HTTP server in a thread, serving create_app() with the v2 blueprint registered,
-and the tiny model (logits = 2 * channel means + 1) so every probability can be computed here.
+tritonclient talks to a real gunicorn on 127.0.0.1 (the same wire code users get, serve/wire.py
+included); the raw-protocol tests use the Flask test client. Both serve the tiny model
+(logits = 2 * channel means + 1) from one checkpoint, so every probability can be computed here.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
+import yaml
 from conftest import LABELS, expected_probs, image_bytes, metric, tiny_model_config, tiny_net
+from servers import Server
 from tritonclient.utils import InferenceServerException
-from werkzeug.serving import make_server
 
 from serve.app import create_app
 from serve.config import build_config
@@ -26,27 +28,27 @@ MAX_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
-def v2_app(tmp_path_factory):
+def v2_config(tmp_path_factory) -> dict:
     checkpoint = tmp_path_factory.mktemp("v2") / "tiny.pth"
     torch.save(tiny_net().state_dict(), checkpoint)
-    config = build_config({
-        "models": [tiny_model_config(checkpoint)],
-        "server": {"max_images_per_request": MAX_IMAGES},
-    })
-    app = create_app(config)
+    return {"models": [tiny_model_config(checkpoint)], "server": {"max_images_per_request": MAX_IMAGES}}
+
+
+@pytest.fixture(scope="module")
+def v2_app(v2_config):
+    app = create_app(build_config(v2_config))
     yield app
     app.extensions["serve"].close()
 
 
 @pytest.fixture(scope="module")
-def server_url(v2_app):
-    server = make_server("127.0.0.1", 0, v2_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
-    server.server_close()
+def server_url(v2_config, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("v2-gunicorn")
+    (folder / "models.yaml").write_text(yaml.safe_dump(v2_config))
+    server = Server({"SERVE_CONFIG": str(folder / "models.yaml"), "WEB_CONCURRENCY": "1"}, folder / "gunicorn.log",
+                    inherit_settings=False)
+    yield server.url.removeprefix("http://")
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +167,12 @@ def test_fp32_with_default_outputs_and_a_version(triton):
     assert "id" not in result.get_response()
 
 
-def test_fp32_forward_runs_on_the_batcher_thread(triton, v2_app):
+def test_fp32_forward_runs_on_the_batcher_thread(client, v2_app):
     threads = []
     module = v2_app.extensions["serve"].get("tiny").loaded.module
     handle = module.register_forward_pre_hook(lambda m, args: threads.append(threading.current_thread().name))
     try:
-        triton.infer("tiny", [fp32_input(dyadic_batch(2), True)])
+        assert client.post("/v2/models/tiny/infer", json=fp32_body()).status_code == 200
     finally:
         handle.remove()
     assert threads == ["inference"]
