@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from models.tiny import TinyNet
@@ -62,6 +63,13 @@ def app(tiny_config):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+def write_config(folder: Path, models: list[dict], **server) -> Path:
+    """A models.yaml in `folder` for a server or the CLI to read; returns its path."""
+    path = folder / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": models, **({"server": server} if server else {})}))
+    return path
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 import torch
-import yaml
-from conftest import image_bytes, tiny_model_config, tiny_net
+from conftest import image_bytes, tiny_model_config, tiny_net, write_config
 from servers import ROOT
 
 from serve.cli import main
@@ -56,8 +55,7 @@ def test_inspect_refuses_a_pickle_unless_trusted(tmp_path, capsys):
 
 
 def test_check_and_predict(tmp_path, tiny_checkpoint, capsys):
-    config = tmp_path / "models.yaml"
-    config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint)]}))
+    config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint)])
     assert main(["check", str(config)]) == 0
     assert "tiny: ok, models.tiny:TinyNet on cpu, 3 classes, bare state_dict" in capsys.readouterr().out
     image = tmp_path / "blue.png"
@@ -70,8 +68,7 @@ def test_check_and_predict(tmp_path, tiny_checkpoint, capsys):
 def test_check_reports_a_broken_model(tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"")
-    config = tmp_path / "models.yaml"
-    config.write_text(yaml.safe_dump({"models": [tiny_model_config(bad)]}))
+    config = write_config(tmp_path, [tiny_model_config(bad)])
     assert main(["check", str(config)]) == 1
     assert "error: model 'tiny': checkpoint" in capsys.readouterr().err
 

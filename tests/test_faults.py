@@ -10,20 +10,17 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-import yaml
-from conftest import image_bytes, tiny_model_config, tiny_net
+from conftest import image_bytes, tiny_model_config, tiny_net, write_config
 from servers import Server, worker_pids
 
 IMAGE = image_bytes((0, 255, 0))
 
 
-def slow_config(folder: Path, delay_ms: float, **server) -> Path:
+def slow_config(folder: Path, delay_ms: float, max_batch_size: int = 4, **server) -> Path:
     torch.save(tiny_net().state_dict(), folder / "slow.pth")
     spec = tiny_model_config(Path("slow.pth"), name="slow", architecture="models.tiny:SlowNet",
-                             kwargs={"num_classes": 3, "delay_ms": delay_ms})
-    config = folder / "models.yaml"
-    config.write_text(yaml.safe_dump({"models": [spec], "server": server}))
-    return config
+                             kwargs={"num_classes": 3, "delay_ms": delay_ms}, max_batch_size=max_batch_size)
+    return write_config(folder, [spec], **server)
 
 
 class Load:
@@ -116,10 +113,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
 def test_four_times_overload_is_shed_fast_and_accepted_requests_keep_their_latency(tmp_path):
     # One worker serving one 50 ms batch of up to 2 images at a time; 4 images may wait. 24 clients is
     # about 4x what the queue holds; the rest must get a fast 503 with Retry-After, not a timeout.
-    config = slow_config(tmp_path, 50, max_queue=4)
-    spec = yaml.safe_load(config.read_text())
-    spec["models"][0]["max_batch_size"] = 2
-    config.write_text(yaml.safe_dump(spec))
+    config = slow_config(tmp_path, 50, max_batch_size=2, max_queue=4)
     server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "1"}, tmp_path / "g.log")
     try:
         pids = worker_pids(server.proc.pid, expected=1)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
-from conftest import expected_probs, image_bytes, tiny_model_config
+from conftest import expected_probs, image_bytes, tiny_model_config, write_config
 from servers import GUNICORN, ROOT, Server, free_port, worker_pids
 
 
@@ -26,11 +25,7 @@ def tiny_server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny")
     torch.save({"epoch": 3, "model_state_dict": tiny_net().state_dict()}, folder / "tiny.pth")
-    config = folder / "models.yaml"
-    config.write_text(yaml.safe_dump({
-        "models": [tiny_model_config(Path("tiny.pth"))],
-        "server": {"max_upload_bytes": 100_000},
-    }))
+    config = write_config(folder, [tiny_model_config(Path("tiny.pth"))], max_upload_bytes=100_000)
     server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2"}, folder / "gunicorn.log")
     yield server
     server.stop()
@@ -90,8 +85,7 @@ def test_hostile_requests_get_4xx_and_kill_no_worker(tiny_server):
 
 
 def test_bad_config_stops_the_server_with_a_clear_message(tmp_path, tiny_checkpoint):
-    config = tmp_path / "models.yaml"
-    config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint, topk=-1)]}))
+    config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint, topk=-1)])
     env = {**os.environ, "SERVE_CONFIG": str(config), "PORT": str(free_port())}
     result = subprocess.run(
         GUNICORN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,

@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 
 import requests
-import yaml
 
-from conftest import image_bytes, metric, tiny_model_config
+from conftest import image_bytes, metric, tiny_model_config, write_config
 from servers import Server
 
 
@@ -54,8 +53,7 @@ def test_request_id_is_echoed_or_made_and_logged_as_json(client, caplog):
 
 
 def test_metrics_sum_over_gunicorn_workers_and_logs_are_json(tmp_path, tiny_checkpoint):
-    config = tmp_path / "models.yaml"
-    config.write_text(yaml.safe_dump({"models": [tiny_model_config(tiny_checkpoint)]}))
+    config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint)])
     log = tmp_path / "gunicorn.log"
     server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2", "SERVE_LOG_FORMAT": "json"}, log)
     try:

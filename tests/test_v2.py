@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
-import yaml
-from conftest import LABELS, expected_probs, image_bytes, metric, tiny_model_config, tiny_net
+from conftest import LABELS, expected_probs, image_bytes, metric, tiny_model_config, tiny_net, write_config
 from servers import Server
 from tritonclient.utils import InferenceServerException
 
@@ -44,8 +43,8 @@ def v2_app(v2_config):
 @pytest.fixture(scope="module")
 def server_url(v2_config, tmp_path_factory):
     folder = tmp_path_factory.mktemp("v2-gunicorn")
-    (folder / "models.yaml").write_text(yaml.safe_dump(v2_config))
-    server = Server({"SERVE_CONFIG": str(folder / "models.yaml"), "WEB_CONCURRENCY": "1"}, folder / "gunicorn.log",
+    config = write_config(folder, v2_config["models"], **v2_config["server"])
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "1"}, folder / "gunicorn.log",
                     inherit_settings=False)
     yield server.url.removeprefix("http://")
     assert server.stop() == 0
