@@ -6,16 +6,12 @@ import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
-
 from flask import Flask, Response, g, request
 
 from serve.metrics import Metrics
 
 log = logging.getLogger("serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-# Set by Registry.infer in the request's thread: the largest batch its images ran in.
-BATCH_SIZE: ContextVar[int | None] = ContextVar("batch_size", default=None)
 PREDICTION_ENDPOINTS = {"serve.predict", "v2.infer"}
 
 
@@ -50,7 +46,6 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
         g.started = time.perf_counter()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-        BATCH_SIZE.set(None)
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -71,7 +66,7 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
             "model": model,
             "status": response.status_code,
             "latency_ms": round(elapsed * 1000, 2),
-            "batch_size": BATCH_SIZE.get(),
+            "batch_size": g.get("batch_size"),  # a prediction's Inference.batch_size, noted by its view
             "bytes_in": request.content_length,
             "remote": request.remote_addr,
         }))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from serve.config import load_config
-from serve.errors import CheckpointError, ServeError
+from serve.errors import CheckpointError, InvalidRequestError, ServeError
 from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint
 from serve.registry import Registry
 
@@ -26,11 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--trust-pickle", action="store_true", help="allow a whole-model pickle (runs its code)")
     check = commands.add_parser("check", help="load and warm up every model of a config, then report")
     check.add_argument("config", nargs="?", type=Path, help="default: SERVE_CONFIG or models/models.yaml")
-    predict = commands.add_parser("predict", help="print the top-k classes of an image")
+    predict = commands.add_parser("predict", help="print a model's answer for an image (its task's JSON)")
     predict.add_argument("image", type=Path)
     predict.add_argument("--model", help="model name (default: the config's first)")
     predict.add_argument("--config", type=Path)
-    predict.add_argument("--topk", type=int)
+    predict.add_argument("--topk", type=int, help="classify: number of classes")
+    predict.add_argument("--threshold", type=float, help="detect: the lowest score answered")
+    predict.add_argument("--format", choices=["json", "torchserve", "png"],
+                         help="default: the model's response_format; png (segment) writes the mask to --output")
+    predict.add_argument("--output", type=Path, help="with --format png: the file to write")
     args = parser.parse_args(argv)
     try:
         return {"inspect": run_inspect, "check": run_check, "predict": run_predict}[args.command](args)
@@ -94,10 +98,13 @@ def run_check(args: argparse.Namespace) -> int:
     registry = Registry.load(config)
     for predictor in registry.predictors.values():
         meta = predictor.metadata()
+        size = {"classify": f"{meta['num_classes']} classes", "segment": f"{meta['num_classes']} classes",
+                "embed": f"{meta['task'].get('dim')} dimensions"}.get(predictor.task.name, "boxes")
         print(
-            f"{meta['name']}: ok, {meta['architecture']} on {meta['device']}, {meta['num_classes']} classes, "
-            f"{meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
+            f"{meta['name']}: ok, task {predictor.task.name} ({size}), {meta['architecture']} on {meta['device']}, "
+            f"runtime {meta['runtime']['name']}, {meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
         )
+    registry.close()
     return 0
 
 
@@ -105,13 +112,30 @@ def run_predict(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = args.model or config.models[0].name
     registry = Registry.load(config, names=[name])
-    predictor = registry.get(name)
     try:
-        data = args.image.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
-        return 1
-    k = predictor.check_topk(args.topk or predictor.spec.topk)
-    probs = registry.infer(name, [predictor.preprocess(data)])[0]
-    print(json.dumps(predictor.describe(probs, k).to_dict(), indent=2))
-    return 0
+        predictor = registry.get(name)
+        try:
+            data = args.image.read_bytes()
+        except OSError as exc:
+            print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+            return 1
+        given = {"topk": args.topk, "threshold": args.threshold}
+        params = predictor.task.parse_params({k: str(v) for k, v in given.items() if v is not None})
+        answer_format = args.format or predictor.spec.response_format
+        if answer_format not in predictor.task.formats:
+            raise InvalidRequestError(f"format must be one of {list(predictor.task.formats)} for task "
+                                      f"'{predictor.task.name}'")
+        prepared = predictor.preprocess(data)
+        output = registry.infer(name, [prepared.tensor]).outputs[0]
+        if answer_format == "png":
+            if args.output is None:
+                raise InvalidRequestError("--format png needs --output FILE")
+            args.output.write_bytes(predictor.task.png(output, prepared))
+            print(f"wrote {args.output}")
+        elif answer_format == "torchserve":
+            print(json.dumps(predictor.task.torchserve([output], [prepared], params), indent=2))
+        else:
+            print(json.dumps(predictor.task.finish(output, prepared, params).to_dict(), indent=2))
+        return 0
+    finally:
+        registry.close()

@@ -76,6 +76,35 @@ class ModelSpec(_Frozen):
     max_delay_ms: float = Field(0.0, ge=0, description="longest a batch waits for more images; 0 = take what is queued")
     half: bool = Field(False, description="float16 weights and inputs on a GPU (ignored on the CPU)")
     channels_last: bool = Field(False, description="NHWC memory format for weights and inputs")
+    # What goes in and what comes out (serve/tasks): the task's own fields sit under its name, e.g.
+    # `task: embed` with `embed: {node: avgpool}`; task_options holds them, validated by the task.
+    task: str = Field("classify", description="classify, detect, segment or embed")
+    task_options: Any = None
+    response_format: Literal["json", "torchserve"] = Field(
+        "json", description="the default answer shape; torchserve: that of TorchServe's default handlers")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_options(cls, data: Any) -> Any:
+        """Move the mapping named after the task into task_options, validated by the task's Options."""
+        from serve.tasks import TASKS
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        task = data.get("task", "classify")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r:.40}")
+        others = sorted(name for name in TASKS if name != task and name in data)
+        if others:
+            raise ValueError(f"'{others[0]}' options given, but the task is '{task}'")
+        try:
+            data["task_options"] = TASKS[task].Options.model_validate(data.pop(task, None) or {})
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                f"field '{task}.{'.'.join(str(p) for p in e['loc'])}': {e['msg']} (got {e.get('input')!r:.40})"
+                for e in exc.errors())) from None
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -246,6 +275,9 @@ def _describe(exc: ValidationError, raw_models: Any) -> str:
         elif loc and loc[0] == "server":
             where, loc = "server", loc[1:]
         field = ".".join(str(p) for p in loc if not str(p).startswith(("function-", "tuple[", "list[")))
+        if not field and err["type"] == "value_error":  # a whole-entry check: its message says it all
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            continue
         got = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.80})"
         lines.append(f"{where}: field '{field or '-'}': {err['msg']}{got}")
     return "invalid config: " + "; ".join(dict.fromkeys(lines))

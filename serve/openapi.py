@@ -30,18 +30,34 @@ IMAGE_BODY = {
         },
     },
 }
-PREDICTION_RESPONSES = {
-    "200": {"description": "one answer per image; a list when several files were sent",
-            "content": {"application/json": {"schema": {"oneOf": [
-                {"$ref": "#/components/schemas/Prediction"},
-                {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}},
-            ]}}}},
-    "400": _error("undecodable image or bad request"),
-    "404": _error("unknown model"),
-    "413": _error("body, pixels or files over the limits"),
-    "415": _error("not an image content type"),
-    "503": _error("overloaded (with Retry-After) or timed out"),
-}
+
+
+def prediction_responses(result_refs: list[dict]) -> dict:
+    """The answers of /predictions: one result per image (the served models' tasks), a list for several files."""
+    one = result_refs[0] if len(result_refs) == 1 else {"oneOf": result_refs}
+    return {
+        "200": {"description": "one answer per image; a list when several files were sent; with "
+                               "format=torchserve, TorchServe's handler shape; with format=png (segment), the mask",
+                "content": {"application/json": {"schema": {"anyOf": [one, {"type": "array", "items": one}, {}]}},
+                            "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        "400": _error("undecodable image or bad request"),
+        "404": _error("unknown model"),
+        "413": _error("body, pixels or files over the limits"),
+        "415": _error("not an image content type"),
+        "503": _error("overloaded (with Retry-After) or timed out"),
+    }
+
+
+def result_schemas(result_types) -> tuple[dict[str, dict], list[dict]]:
+    """Components generated from the tasks' pydantic result models, and a $ref to each."""
+    components: dict[str, dict] = {}
+    refs = []
+    for result_type in result_types:
+        schema = result_type.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        components.update(schema.pop("$defs", {}))
+        components[result_type.__name__] = schema
+        refs.append({"$ref": f"#/components/schemas/{result_type.__name__}"})
+    return components, refs
 
 
 def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
@@ -49,12 +65,20 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
     """The document for this server's routes; `extra_paths` adds blueprints' own (the V2 protocol),
     `management` the reload route where it is served. The page's static files (/ui/...) are left out."""
     names = list(registry.predictors)
-    classes = min((p.num_classes or 1) for p in registry.predictors.values()) if names else 1
-    topk = {"name": "topk", "in": "query", "required": False,
-            "schema": {"type": "integer", "minimum": 1, "maximum": classes},
-            "description": "number of classes to answer (1..the model's class count)"}
+    tasks = {p.task.name: p.task for p in registry.predictors.values()}
+    results, refs = result_schemas(dict.fromkeys(type(t).Result for t in tasks.values()))
+    classes = min((t.num_classes or 1) for t in tasks.values() if t.name == "classify") if "classify" in tasks else 1
+    query = [{"name": "topk", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": classes},
+              "description": "classify: number of classes to answer (1..the model's class count)"},
+             {"name": "threshold", "in": "query", "required": False,
+              "schema": {"type": "number", "minimum": 0, "maximum": 1},
+              "description": "detect: the lowest score answered (default: the model's score_threshold)"},
+             {"name": "format", "in": "query", "required": False,
+              "schema": {"type": "string", "enum": sorted({f for t in tasks.values() for f in t.formats})},
+              "description": "json (default), torchserve (TorchServe's handler answer), png (segment: the mask itself)"}]
     model_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
-    predict = {"requestBody": IMAGE_BODY, "responses": PREDICTION_RESPONSES, "parameters": [topk]}
+    predict = {"requestBody": IMAGE_BODY, "responses": prediction_responses(refs), "parameters": query}
     paths: dict[str, Any] = {
         "/": {"get": {"summary": "The web page: drop a photo, see the top-k", "responses": {"200": {
             "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
@@ -70,11 +94,11 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
         "/models/{name}": {"get": {"summary": "Metadata of one model", "parameters": [model_param],
                                    "responses": {"200": _json({"$ref": "#/components/schemas/Model"}),
                                                  "404": _error("unknown model")}}},
-        "/predictions": {"post": {"summary": "Classify with the first model", **predict},
-                         "put": {"summary": "Classify with the first model", **predict}},
+        "/predictions": {"post": {"summary": "Predict with the first model", **predict},
+                         "put": {"summary": "Predict with the first model", **predict}},
         "/predictions/{name}": {
-            "post": {"summary": "Classify one or more images", **predict, "parameters": [model_param, topk]},
-            "put": {"summary": "Classify one or more images", **predict, "parameters": [model_param, topk]},
+            "post": {"summary": "Predict for one or more images", **predict, "parameters": [model_param, *query]},
+            "put": {"summary": "Predict for one or more images", **predict, "parameters": [model_param, *query]},
         },
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "exposition text", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
@@ -88,11 +112,12 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
                           "409": _error("reload failed: the previous weights keep serving")}}}
     paths.update(extra_paths or {})
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "torch-serve", "version": VERSION,
-                 "description": "PyTorch image classification: TorchServe-style routes and the Open Inference Protocol (V2)."},
+                 "description": "PyTorch image models (classify, detect, segment, embed): TorchServe-style routes "
+                                "and the Open Inference Protocol (V2)."},
         "paths": paths,
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, **results}},
     }
 
 
@@ -100,11 +125,6 @@ SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-    "Prediction": {"type": "object", "required": ["model", "predictions"], "properties": {
-        "model": {"type": "string"},
-        "predictions": {"type": "array", "items": {"type": "object", "required": ["label", "index", "probability"],
-                        "properties": {"label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
-                                       "probability": {"type": "number", "minimum": 0, "maximum": 1}}}}}},
     "Model": {"type": "object", "required": ["name", "architecture", "device", "ready", "input", "num_classes",
                                              "num_labels", "topk", "checkpoint", "load_time_s"], "properties": {
         "name": {"type": "string"}, "architecture": {"type": "string"}, "device": {"type": "string"},
@@ -114,7 +134,7 @@ SCHEMAS = {
             "resize": {"type": "integer"}, "crop": {"type": "integer"},
             "mean": {"type": "array", "items": {"type": "number"}}, "std": {"type": "array", "items": {"type": "number"}},
             "interpolation": {"type": "string"}}},
-        "num_classes": {"type": "integer", "nullable": True}, "num_labels": {"type": "integer"},
+        "num_classes": {"type": ["integer", "null"]}, "num_labels": {"type": "integer"},
         "topk": {"type": "integer"},
         "checkpoint": {"type": "object", "properties": {"file": {"type": "string"}, "sha256": {"type": "string"},
                        "layout": {"type": "string"}, "skipped_keys": {"type": "integer"}}},

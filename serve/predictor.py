@@ -1,42 +1,24 @@
-"""Predictor: one loaded model with its labels and transform; image bytes or tensors in, top-k out."""
+"""Predictor: one served model = its loaded checkpoint, its task and its runtime; bytes in, outputs out."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from serve.config import ModelSpec
 from serve.cores import SMALL_FORWARD_MS
-from serve.errors import CheckpointError, ConfigError, InvalidRequestError
+from serve.errors import ConfigError
 from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
-from serve.preprocess import build_normalizer, build_transform, load_image, open_image
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    label: str
-    index: int
-    probability: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    model: str
-    classes: tuple[ClassScore, ...]
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "predictions": [
-                {"label": c.label, "index": c.index, "probability": round(c.probability, 6)} for c in self.classes
-            ],
-        }
+from serve.preprocess import draft, load_image, open_image, upright_size
+from serve.runtimes import RUNTIMES
+from serve.tasks import TASKS
+from serve.tasks.base import Prepared
 
 
 class Predictor:
-    """Runs one model: decode and transform an image, forward a batch, turn probabilities into labels."""
+    """A model's three parts: the loaded checkpoint, the task (what goes in and out), the runtime (the forward)."""
 
     def __init__(self, spec: ModelSpec, loaded: LoadedModel, labels: tuple[str, ...] | None, pixels: PixelBudget):
         """`pixels`: the process's decode budget, shared by its models; its limit is also the largest
@@ -45,34 +27,35 @@ class Predictor:
         self.loaded = loaded
         self.labels = labels
         self.pixels = pixels
-        self.transform = build_transform(spec.preprocess)
-        self.normalize = build_normalizer(spec.preprocess, loaded.device)
-        self.num_classes: int | None = None
+        self.task = TASKS[spec.task](spec, labels, loaded.device)
+        if spec.response_format not in self.task.formats:
+            raise ConfigError(f"model '{spec.name}': field 'response_format': task '{spec.task}' answers "
+                              f"{list(self.task.formats)}, not '{spec.response_format}'")
+        module = self.task.adapt(loaded.module)
+        self.runtime = RUNTIMES["eager"](module, loaded.device, spec.half, spec.channels_last)
         self.forward_ms: float | None = None  # batch-1 CPU forward on one thread, timed at warm-up
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        pre = self.spec.preprocess
-        return (pre.channels, pre.crop, pre.crop)
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.task.input_shape
 
     def warm_up(self) -> None:
-        """Forward one blank image, learn the class count, check the labels against it, turn ready.
+        """Forward one blank image, let the task check the output fits it (and learn its size).
 
-        Call it on the thread that runs predict_batch: even building the blank input (150k values)
-        starts an OpenMP thread team on the calling thread.
+        Call it on the thread that runs predict_batch: even building the blank input starts an OpenMP
+        thread team on the calling thread.
 
         Raises:
-            CheckpointError: the output is not [N, classes, ...].
-            ConfigError: the labels don't match the class count.
+            CheckpointError: the output doesn't fit the task (naming the model, the task and the shape).
+            ConfigError: the labels don't match the output.
         """
-        blank = torch.zeros(self.input_shape, dtype=torch.uint8)
-        probs = self.predict_batch([blank])[0]
-        self.num_classes = probs.shape[-1]
-        if self.labels is not None and len(self.labels) != self.num_classes:
-            raise ConfigError(
-                f"model '{self.spec.name}': field 'labels': {len(self.labels)} labels, "
-                f"but the model outputs {self.num_classes} classes"
-            )
+        blank = self.task.blank()
+        with torch.inference_mode():
+            self.task.check(self.runtime.forward(self.task.collate([blank])))
         if self.loaded.device.type == "cpu":
             self.forward_ms = self._time_forward(blank)
 
@@ -98,84 +81,44 @@ class Predictor:
         """A CPU batch too small for a second thread to pay for OpenMP's spin-waiting (serve/cores.py)."""
         return self.forward_ms is not None and self.forward_ms * batch_size < SMALL_FORWARD_MS
 
-    def preprocess(self, data: bytes) -> torch.Tensor:
-        """Decode and transform one image into the model's uint8 input tensor [C, H, W].
+    def preprocess(self, data: bytes) -> Prepared:
+        """Decode one image and let the task turn it into the model's uint8 input (request thread).
 
         Raises:
             InvalidImageError, ImageTooLargeError: see decode_image.
         """
         mode = self.spec.preprocess.mode
-        image = open_image(data, self.pixels.limit, mode, min_side=self.spec.preprocess.resize)
+        image = open_image(data, self.pixels.limit, mode)
+        size = upright_size(image)
+        draft(image, mode, **self.task.decode_sides())
         pixels = image.width * image.height
         with self.pixels.hold(pixels):  # from the first decoded pixel until only the small tensor is left
-            tensor = self.transform(load_image(image, mode))
+            prepared = self.task.prepare(load_image(image, mode), size)
             del image
         release_after(pixels)
-        return tensor
+        return prepared
 
-    def predict_batch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Forward a list of uint8 [C, H, W] tensors as one batch; return one probability vector each, on the CPU.
-
-        Raises:
-            CheckpointError: the model's output can't be read as class scores.
-        """
-        batch = torch.stack(inputs)
-        if self.loaded.device.type == "cuda":
-            # uint8 crosses the bus (4x less than float32), from pinned memory, without blocking.
-            batch = batch.pin_memory().to(self.loaded.device, non_blocking=True)
-        with torch.inference_mode():
-            return self.forward(self.normalize(batch))
-
-    def forward_many(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """forward for a list of normalized float tensors [C, H, W] (a batch the batcher gathered)."""
-        return self.forward(torch.stack(inputs))
-
-    def forward(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """Forward an already normalized float batch [N, C, H, W]; return one probability vector each, on the CPU.
+    def predict_batch(self, inputs: list[torch.Tensor]) -> list[Any]:
+        """Batcher thread: uint8 inputs -> one CPU output per input, as the task reads them.
 
         Raises:
-            CheckpointError: the model's output can't be read as class scores.
+            CheckpointError: the model's output doesn't fit the task.
         """
-        device = self.loaded.device
         with torch.inference_mode():
-            x = batch.to(device)
-            if self.spec.half and device.type == "cuda":
-                x = x.half()
-            if self.spec.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            output = self.loaded.module(x)
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if not isinstance(output, torch.Tensor) or output.ndim < 2 or output.shape[0] != len(batch):
-            shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise CheckpointError(f"model '{self.spec.name}' output {shape} is not [batch, classes, ...]")
-        if output.ndim > 2:
-            # Fully convolutional nets end in a score map: average it spatially into class scores.
-            output = output.flatten(2).mean(-1)
-        return list(output.float().softmax(-1).cpu())
+            return self.task.run(self.runtime.forward, inputs)
 
-    def describe(self, probs: torch.Tensor, k: int | None = None) -> Prediction:
-        """Turn one probability vector into the top-k labelled classes."""
-        k = min(k or self.spec.topk, probs.shape[-1])
-        top = probs.topk(k)
-        classes = tuple(
-            ClassScore(self.label(i), i, p) for p, i in zip(top.values.tolist(), top.indices.tolist())
-        )
-        return Prediction(self.spec.name, classes)
-
-    def label(self, index: int) -> str:
-        return self.labels[index] if self.labels is not None else str(index)
-
-    def check_topk(self, k: int) -> int:
-        """Raises: InvalidRequestError: k outside 1..classes."""
-        if not 1 <= k <= (self.num_classes or 1):
-            raise InvalidRequestError(f"topk must be between 1 and {self.num_classes}, got {k}")
-        return k
+    def forward_many(self, inputs: list[torch.Tensor]) -> list[Any]:
+        """predict_batch for normalized float inputs [C, H, W] (V2's FP32 input)."""
+        with torch.inference_mode():
+            return self.task.run_float(self.runtime.forward, inputs)
 
     def metadata(self) -> dict:
         spec, pre = self.spec, self.spec.preprocess
+        task = self.task.metadata()
         return {
             "name": spec.name,
+            "task": task,
+            "runtime": self.runtime.describe(),
             "architecture": spec.architecture or "whole-model pickle",
             "device": str(self.loaded.device),
             "ready": True,  # a model is served only once loaded and warm (Registry._build_and_install)
@@ -188,9 +131,10 @@ class Predictor:
                 "std": list(pre.std),
                 "interpolation": pre.interpolation,
             },
-            "num_classes": self.num_classes,
+            "num_classes": task.get("num_classes"),
             "num_labels": len(self.labels) if self.labels is not None else 0,
             "topk": spec.topk,
+            "response_format": spec.response_format,
             "checkpoint": {
                 "file": spec.checkpoint.name,
                 "sha256": self.loaded.sha256,

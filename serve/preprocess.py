@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
@@ -29,9 +29,12 @@ def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int 
     return load_image(open_image(data, max_pixels, mode, min_side), mode)
 
 
-def open_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int | None = None) -> Image.Image:
+def open_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int | None = None,
+               max_side: int | None = None) -> Image.Image:
     """decode_image's first half: read the header, check the size, set a JPEG's draft scale. No pixel
     is decoded yet; `.size` is what load_image will decode (a JPEG's reduced size).
+
+    min_side / max_side: see draft().
 
     Raises: as decode_image.
     """
@@ -47,10 +50,26 @@ def open_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int | 
             )
         if width < 1 or height < 1:
             raise InvalidImageError(f"image has no pixels ({width}x{height})")
-        if min_side and image.format == "JPEG":
-            scale = min_side / min(width, height)
-            image.draft(mode if mode == "L" else "RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-        return image
+        return draft(image, mode, min_side, max_side)
+
+
+def draft(image: Image.Image, mode: str = "RGB", min_side: int | None = None, max_side: int | None = None) -> Image.Image:
+    """Have a JPEG decoded at the smallest DCT scale whose shorter side still reaches min_side, or
+    (with max_side instead) whose longer side still reaches max_side; other formats are left as they are."""
+    if (min_side or max_side) and image.format == "JPEG":
+        width, height = image.size
+        scale = min_side / min(width, height) if min_side else max_side / max(width, height)
+        image.draft(mode if mode == "L" else "RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) an opened image shows once its EXIF orientation is applied; call it before
+    draft() to get the size the user uploaded."""
+    width, height = image.size
+    with _decode_errors():
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def load_image(image: Image.Image, mode: str = "RGB") -> Image.Image:

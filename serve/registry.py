@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
-from serve.access import BATCH_SIZE
 from serve.batching import Batcher
 from serve.config import ModelSpec, ServeConfig
 from serve.cores import SMALL_FORWARD_MS, CoreShare, available_cores
@@ -25,6 +26,14 @@ from serve.metrics import Metrics
 from serve.predictor import Predictor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A request's model outputs (one per image, as the task reads them) and the largest batch they ran in."""
+
+    outputs: list[Any]
+    batch_size: int
 
 
 class Registry:
@@ -77,11 +86,11 @@ class Registry:
         if self.metrics is not None:
             self.metrics.load_seconds.labels(spec.name).set(predictor.loaded.load_time_s)
 
-    def _run_lane(self, predictor: Predictor, forward, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    def _run_lane(self, predictor: Predictor, forward, inputs: list[torch.Tensor]) -> list[tuple[Any, int]]:
         """A gathered batch; each result carries the batch's size back to its request."""
         return [(p, len(inputs)) for p in self._run(predictor, forward, inputs)]
 
-    def _run(self, predictor: Predictor, forward, batch) -> list[torch.Tensor]:
+    def _run(self, predictor: Predictor, forward, batch) -> list[Any]:
         """One forward on the batcher's thread: CPU batches take their share of the cores; metrics kept."""
         started = time.perf_counter()
         if self.cores is not None and predictor.loaded.device.type == "cpu":
@@ -144,23 +153,22 @@ class Registry:
         if self.batcher.pending + count > limit:
             raise OverloadedError(f"server busy: {self.batcher.pending} images waiting (limit {limit}); retry shortly")
 
-    def infer(self, name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run uint8 images [C, H, W] through the model's batcher; return one probability vector each.
+    def infer(self, name: str, inputs: list[torch.Tensor]) -> Inference:
+        """Run uint8 inputs through the model's batcher; one output per input.
 
         Raises:
             BatchTimeoutError: no answer within request_timeout_s.
-            CheckpointError: the model's output can't be read as class scores.
+            CheckpointError: the model's output doesn't fit its task.
         """
         return self._infer(name, name, inputs)
 
-    def infer_float(self, name: str, batch: torch.Tensor) -> list[torch.Tensor]:
+    def infer_float(self, name: str, batch: torch.Tensor) -> Inference:
         """As infer, for an already preprocessed float batch [N, C, H, W] (V2's FP32 input)."""
         return self._infer(_float_lane(name), name, list(batch))
 
-    def _infer(self, lane, name: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _infer(self, lane, name: str, inputs: list[torch.Tensor]) -> Inference:
         results = self._wait(self.batcher.submit_many(lane, inputs), name)
-        BATCH_SIZE.set(max(size for _, size in results))
-        return [probs for probs, _ in results]
+        return Inference([output for output, _ in results], max(size for _, size in results))
 
     def close(self) -> None:
         self.batcher.stop()

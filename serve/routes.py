@@ -1,8 +1,7 @@
 """HTTP routes: health, model metadata and predictions (TorchServe-compatible paths)."""
 from __future__ import annotations
 
-import torch
-from flask import Blueprint, Request, current_app, jsonify, request
+from flask import Blueprint, Request, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from serve.errors import (
@@ -14,6 +13,7 @@ from serve.errors import (
 )
 from serve.predictor import Predictor
 from serve.registry import Registry
+from serve.tasks.base import Prepared, Task
 
 bp = Blueprint("serve", __name__)
 management = Blueprint("management", __name__)
@@ -69,23 +69,41 @@ def reload_model(name: str):
 def predict(name: str | None = None):
     reg = registry()
     predictor = reg.get(name or reg.default_name)
-    topk = predictor.check_topk(parse_topk(request, predictor.spec.topk))
+    params = predictor.task.parse_params(request.args)
+    answer_format = parse_format(request, predictor)
     reg.admit()
     images, many = read_images(request, reg.config.server.max_images_per_request)
-    inputs = [preprocess_one(predictor, data, i, len(images)) for i, data in enumerate(images)]
-    results = [predictor.describe(p, topk).to_dict() for p in reg.infer(predictor.spec.name, inputs)]
+    prepared = [preprocess_one(predictor, data, i, len(images)) for i, data in enumerate(images)]
+    inference = reg.infer(predictor.name, [p.tensor for p in prepared])
+    g.batch_size = inference.batch_size  # for the access log
+    return render_answer(predictor.task, inference.outputs, prepared, params, answer_format, many)
+
+
+def parse_format(req: Request, predictor: Predictor) -> str:
+    """?format=json|torchserve|png (those the task answers); default: the model's response_format.
+
+    Raises: InvalidRequestError: a format the task doesn't answer.
+    """
+    answer_format = req.args.get("format", predictor.spec.response_format)
+    if answer_format not in predictor.task.formats:
+        raise InvalidRequestError(f"format must be one of {list(predictor.task.formats)} for task "
+                                  f"'{predictor.task.name}', got '{answer_format[:40]}'")
+    return answer_format
+
+
+def render_answer(task: Task, outputs: list, prepared: list[Prepared], params: dict, answer_format: str, many: bool):
+    """The task's answer for each image: JSON (a list for several files), TorchServe's shape, or a PNG.
+
+    Raises: InvalidRequestError: a PNG asked for several images.
+    """
+    if answer_format == "png":
+        if many:
+            raise InvalidRequestError("format=png answers one image; send one file, or use format=json")
+        return Response(task.png(outputs[0], prepared[0]), mimetype="image/png")
+    if answer_format == "torchserve":
+        return jsonify(task.torchserve(outputs, prepared, params))
+    results = [task.finish(o, p, params).to_dict() for o, p in zip(outputs, prepared)]
     return jsonify(results if many else results[0])
-
-
-def parse_topk(req: Request, default: int) -> int:
-    """Raises: InvalidRequestError: topk is not an integer."""
-    raw = req.args.get("topk")
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequestError(f"topk must be an integer, got '{raw[:40]}'") from None
 
 
 def read_images(req: Request, limit: int) -> tuple[list[bytes], bool]:
@@ -138,7 +156,7 @@ def read_whole_body(req: Request) -> bytes:
     return data
 
 
-def preprocess_one(predictor: Predictor, data: bytes, index: int, count: int) -> torch.Tensor:
+def preprocess_one(predictor: Predictor, data: bytes, index: int, count: int) -> Prepared:
     """Decode one upload; with several, the error names which one failed."""
     try:
         return predictor.preprocess(data)

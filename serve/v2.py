@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import (
     HTTPException,
     MethodNotAllowed,
@@ -75,6 +75,7 @@ from serve.errors import (
 )
 from serve.predictor import Predictor
 from serve.routes import preprocess_one, read_whole_body, registry
+from serve.tasks.base import Task, V2Output
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ PLATFORM = "pytorch"
 MODEL_VERSION = "1"
 TENSOR_INPUT = "input"
 IMAGE_INPUT = "image"
-OUTPUT = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -147,17 +147,17 @@ def _model(name: str, version: str | None) -> Predictor:
 @v2.get("/v2/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None):
     predictor = _model(name, version)
-    channels, height, width = predictor.input_shape
-    classes = predictor.num_classes if predictor.num_classes is not None else -1
+    task = predictor.task
+    inputs = [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
+    if task.fixed_size:
+        inputs.insert(0, {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, *task.input_shape]})
     return _json({
         "name": predictor.spec.name,
         "versions": [MODEL_VERSION],
         "platform": PLATFORM,
-        "inputs": [
-            {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, channels, height, width]},
-            {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-        ],
-        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+        "parameters": {"task": task.name},
+        "inputs": inputs,
+        "outputs": task.v2_outputs(),
     })
 
 
@@ -200,25 +200,32 @@ class RequestedOutput:
 def infer(name: str, version: str | None = None):
     reg = registry()
     predictor = _model(name, version)
+    task = predictor.task
     reg.admit()
     header, binary = read_body()
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequestError("'id' must be a string")
-    outputs = parse_outputs(header)
+    outputs = parse_outputs(header, task)
+    params = task.parse_params({k: str(v) for k, v in _parameters(header, "request").items()
+                                if isinstance(v, (int, float, str)) and not isinstance(v, bool)})
     kind, payload = parse_input(header, binary, predictor, reg.config.server.max_images_per_request)
     if kind == TENSOR_INPUT:
-        probs = torch.stack(reg.infer_float(predictor.spec.name, torch.from_numpy(payload))).numpy()
+        prepared = None
+        inference = reg.infer_float(predictor.spec.name, torch.from_numpy(payload))
     else:
-        images = [preprocess_one(predictor, data, i, len(payload)) for i, data in enumerate(payload)]
-        probs = np.stack([p.numpy() for p in reg.infer(predictor.spec.name, images)])
+        prepared = [preprocess_one(predictor, data, i, len(payload)) for i, data in enumerate(payload)]
+        inference = reg.infer(predictor.spec.name, [p.tensor for p in prepared])
+    g.batch_size = inference.batch_size  # for the access log
+    classification = {out_name: out.classification for out_name, out in outputs.items()}
+    tensors = {t.name: t for t in task.v2_tensors(inference.outputs, prepared, params, classification)}
     response: dict[str, Any] = {"model_name": predictor.spec.name, "model_version": MODEL_VERSION}
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = []
     chunks = []
     for out_name, out in outputs.items():
-        tensor, data = render_output(out_name, out, probs, predictor)
+        tensor, data = render_output(tensors[out_name], out.binary)
         if out.binary:
             tensor["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
@@ -298,14 +305,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def parse_outputs(header: dict) -> dict[str, RequestedOutput]:
-    """Raises: InvalidRequestError: an unknown output, or bad output parameters."""
+def parse_outputs(header: dict, task: Task) -> dict[str, RequestedOutput]:
+    """The outputs to answer, in order: those named, or every output of the task.
+
+    Raises: InvalidRequestError: an unknown output, or bad output parameters.
+    """
     default_binary = _parameters(header, "request").get("binary_data_output", False)
     if not isinstance(default_binary, bool):
         raise InvalidRequestError("request parameter 'binary_data_output' must be a boolean")
+    names = [o["name"] for o in task.v2_outputs()]
     requested = header.get("outputs")
     if requested is None or requested == []:
-        return {OUTPUT: RequestedOutput(default_binary, 0)}
+        return {name: RequestedOutput(default_binary, 0) for name in names}
     if not isinstance(requested, list):
         raise InvalidRequestError("'outputs' must be a list")
     outputs: dict[str, RequestedOutput] = {}
@@ -313,8 +324,9 @@ def parse_outputs(header: dict) -> dict[str, RequestedOutput]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidRequestError("each requested output must be an object with a 'name'")
         name = entry["name"]
-        if name != OUTPUT:
-            raise InvalidRequestError(f"unexpected inference output '{name[:64]}'; the output is '{OUTPUT}'")
+        if name not in names:
+            shown = f"'{names[0]}'" if len(names) == 1 else names
+            raise InvalidRequestError(f"unexpected inference output '{name[:64]}'; the output{'s are' if len(names) > 1 else ' is'} {shown}")
         if name in outputs:
             raise InvalidRequestError(f"output '{name}' is requested twice")
         params = _parameters(entry, f"output '{name}'")
@@ -324,6 +336,8 @@ def parse_outputs(header: dict) -> dict[str, RequestedOutput]:
             raise InvalidRequestError(f"output '{name}': 'binary_data' must be a boolean")
         if not _is_int(classification) or classification < 0:
             raise InvalidRequestError(f"output '{name}': 'classification' must be a non-negative integer")
+        if classification and task.name != "classify":
+            raise InvalidRequestError(f"output '{name}': the 'classification' parameter applies to classify models only")
         outputs[name] = RequestedOutput(binary, classification)
     return outputs
 
@@ -336,8 +350,9 @@ def parse_input(header: dict, binary: bytes, predictor: Predictor, max_images: i
     """
     inputs = header.get("inputs")
     channels, height, width = predictor.input_shape
-    expected = (f"'{TENSOR_INPUT}' (FP32 [N, {channels}, {height}, {width}]) or '{IMAGE_INPUT}' "
-                "(BYTES [N], encoded images)")
+    accepted = (TENSOR_INPUT, IMAGE_INPUT) if predictor.task.fixed_size else (IMAGE_INPUT,)
+    expected = (f"'{TENSOR_INPUT}' (FP32 [N, {channels}, {height}, {width}]) or " if TENSOR_INPUT in accepted else ""
+                ) + f"'{IMAGE_INPUT}' (BYTES [N], encoded images)"
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequestError(f"'inputs' must be a non-empty list holding {expected}")
     if len(inputs) != 1:
@@ -346,7 +361,7 @@ def parse_input(header: dict, binary: bytes, predictor: Predictor, max_images: i
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise InvalidRequestError("each input must be an object with a 'name'")
     name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
-    if name not in (TENSOR_INPUT, IMAGE_INPUT):
+    if name not in accepted:
         raise InvalidRequestError(
             f"unexpected inference input '{name[:64]}' for model '{predictor.spec.name}'; send {expected}"
         )
@@ -448,23 +463,15 @@ def image_elements(name: str, count: int, data: Any, raw: bytes | None) -> list[
     return elements
 
 
-def render_output(name: str, out: RequestedOutput, probs: np.ndarray, predictor: Predictor) -> tuple[dict, Any]:
+def render_output(tensor: V2Output, binary: bool) -> tuple[dict, Any]:
     """Return the output tensor's JSON description and its data: a JSON list, or bytes when binary."""
-    count, classes = probs.shape
-    if not out.classification:
-        tensor = {"name": name, "datatype": "FP32", "shape": [count, classes]}
-        return tensor, probs.astype("<f4").tobytes() if out.binary else probs.ravel().tolist()
-    k = min(out.classification, classes)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    elements = []
-    for row, indices in zip(probs, order):
-        for index in indices.tolist():
-            text = f"{float(row[index]):f}:{index}"
-            if predictor.labels is not None:
-                text += f":{predictor.labels[index]}"
-            elements.append(text)
-    tensor = {"name": name, "datatype": "BYTES", "shape": [count, k]}
-    if not out.binary:
-        return tensor, elements
-    encoded = [e.encode() for e in elements]
-    return tensor, b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+    description = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+    if tensor.datatype == "BYTES":
+        if not binary:
+            return description, list(tensor.data)
+        encoded = [e.encode() for e in tensor.data]
+        return description, b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+    array = np.ascontiguousarray(tensor.data)
+    if binary:
+        return description, array.astype(array.dtype.newbyteorder("<")).tobytes()
+    return description, array.ravel().tolist()

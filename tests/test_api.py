@@ -187,7 +187,7 @@ def test_several_models_served_side_by_side(tmp_path, tiny_checkpoint, make_app)
     client = make_app(
         tiny_model_config(tiny_checkpoint),
         {"name": "seed", "architecture": "models.seed_fcn:MyModel", "checkpoint": str(seed), "device": "cpu",
-         "preprocess": {"resize": 72, "crop": 64}},
+         "preprocess": {"resize": 72, "crop": 64}, "classify": {"spatial_average": True}},
     ).test_client()
     answer = client.post("/predictions/seed?topk=2", data=image_bytes(size=(100, 80)), content_type="image/png").json
     assert answer["model"] == "seed" and len(answer["predictions"]) == 2

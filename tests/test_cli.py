@@ -57,7 +57,8 @@ def test_inspect_refuses_a_pickle_unless_trusted(tmp_path, capsys):
 def test_check_and_predict(tmp_path, tiny_checkpoint, capsys):
     config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint)])
     assert main(["check", str(config)]) == 0
-    assert "tiny: ok, models.tiny:TinyNet on cpu, 3 classes, bare state_dict" in capsys.readouterr().out
+    assert ("tiny: ok, task classify (3 classes), models.tiny:TinyNet on cpu, runtime eager, bare state_dict"
+            in capsys.readouterr().out)
     image = tmp_path / "blue.png"
     image.write_bytes(image_bytes((0, 0, 255)))
     assert main(["predict", str(image), "--config", str(config), "--topk", "1"]) == 0

@@ -346,7 +346,8 @@ def test_channels_last_answers_like_contiguous_and_half_is_ignored_on_cpu(tmp_pa
 
     path = tmp_path / "seed.pth"
     torch.save(MyModel().state_dict(), path)
-    spec = dict(architecture="models.seed_fcn:MyModel", kwargs={}, labels=None, preprocess={"resize": 64, "crop": 64})
+    spec = dict(architecture="models.seed_fcn:MyModel", kwargs={}, labels=None, preprocess={"resize": 64, "crop": 64},
+                classify={"spatial_average": True})
     x = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
     plain = spec_for(path, **spec)
     nhwc = spec_for(path, channels_last=True, half=True, **spec)
@@ -364,7 +365,8 @@ def test_half_on_gpu_answers_like_float32(tmp_path):
 
     path = tmp_path / "seed.pth"
     torch.save(MyModel().state_dict(), path)
-    spec = dict(architecture="models.seed_fcn:MyModel", kwargs={}, labels=None, preprocess={"resize": 64, "crop": 64})
+    spec = dict(architecture="models.seed_fcn:MyModel", kwargs={}, labels=None, preprocess={"resize": 64, "crop": 64},
+                classify={"spatial_average": True})
     x = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
     probs = []
     for half in (False, True):

@@ -118,6 +118,7 @@ def test_model_metadata(triton):
         "name": "tiny",
         "versions": ["1"],
         "platform": "pytorch",
+        "parameters": {"task": "classify"},
         "inputs": [
             {"name": "input", "datatype": "FP32", "shape": [-1, 3, 8, 8]},
             {"name": "image", "datatype": "BYTES", "shape": [-1]},

@@ -1,0 +1,171 @@
+"""detect: torchvision's detection convention. The model takes a list of float [C, H, W] images in 0-1
+of any size (its own transform resizes) and returns one dict per image: boxes (x1, y1, x2, y2 in input
+pixels), labels, scores, and optionally masks [K, 1, H, W] (soft) and keypoints [K, P, 3]. Answers are
+in pixels of the uploaded image as the user sees it (after EXIF rotation), best score first."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, image_tensor, parse_number
+
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class DetectOptions(Options):
+    score_threshold: float = Field(0.5, ge=0, le=1, description="detections below this score are left out (?threshold= per request)")
+    max_detections: int = Field(100, gt=0, description="most detections answered per image, best first")
+    max_side: int = Field(1333, gt=0, description="a larger upload is scaled down to this longer side before the model "
+                                                  "(boxes are mapped back); torchvision's R-CNNs resize to at most 1333 anyway")
+    mask_threshold: float = Field(0.5, gt=0, lt=1, description="soft instance masks are cut here into the answered binary masks")
+
+
+class RleMask(Result):
+    size: list[int] = Field(description="[height, width] of the uploaded image")
+    counts: str = Field(description="COCO run-length encoding (pycocotools), column-major")
+
+
+class Detection(Result):
+    label: str
+    index: int = Field(description="the class index as the model numbers it (torchvision's COCO list keeps __background__ at 0)")
+    score: float
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in pixels of the uploaded image")
+    mask: RleMask | None = None
+    keypoints: list[list[float]] | None = Field(None, description="[x, y, score] per keypoint")
+
+
+class Detections(Result):
+    model: str
+    detections: list[Detection]
+
+
+class Detect(Task):
+    name = "detect"
+    Options = DetectOptions
+    Result = Detections
+    fixed_size = False
+
+    def blank(self) -> torch.Tensor:
+        return torch.zeros((self.spec.preprocess.channels, 320, 320), dtype=torch.uint8)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.spec.preprocess.channels, -1, -1)
+
+    def check(self, output: Any) -> None:
+        self.split(output, 1)
+
+    def decode_sides(self) -> dict[str, int | None]:
+        return {"min_side": None, "max_side": self.options.max_side}
+
+    def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
+        width, height = image.size
+        scale = min(1.0, self.options.max_side / max(width, height))
+        if scale < 1.0:
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
+            image = image.resize(target, RESAMPLE[self.spec.preprocess.interpolation], reducing_gap=3.0)
+        return Prepared(image_tensor(image), size, (image.width / size[0], image.height / size[1]))
+
+    def parse_params(self, args: Mapping[str, str]) -> dict[str, Any]:
+        threshold = parse_number(args, "threshold", float, 0.0, 1.0)
+        return {"threshold": self.options.score_threshold if threshold is None else threshold}
+
+    def collate(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Images of any size: a list, never a stacked batch (the model's transform batches them).
+        return [x.to(self.device).float().div_(255.0) for x in inputs]
+
+    def run_float(self, forward, inputs):
+        return self.split(forward(list(inputs)), len(inputs))
+
+    def split(self, output: Any, count: int) -> list[dict[str, torch.Tensor]]:
+        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
+            output = output[1]  # TorchScript detectors answer (losses, detections)
+        expected = f"a list of {count} dicts with boxes [K, 4], labels [K] and scores [K]"
+        if not isinstance(output, (list, tuple)) or len(output) != count:
+            raise self.unfit(output, expected)
+        results = []
+        for item in output:
+            if not isinstance(item, Mapping) or not all(isinstance(item.get(k), torch.Tensor) for k in ("boxes", "labels", "scores")):
+                raise self.unfit(output, expected)
+            boxes, labels, scores = item["boxes"], item["labels"], item["scores"]
+            k = len(scores)
+            if boxes.shape != (k, 4) or labels.shape != (k,) or scores.ndim != 1:
+                raise self.unfit(item, expected)
+            results.append({key: value.detach().float().cpu() if key != "labels" else value.cpu()
+                            for key, value in item.items() if isinstance(value, torch.Tensor)})
+        return results
+
+    def finish(self, output: dict[str, torch.Tensor], prepared: Prepared, params: dict[str, Any]) -> Detections:
+        scores = output["scores"]
+        keep = (scores >= params["threshold"]).nonzero().flatten()
+        keep = keep[scores[keep].argsort(descending=True, stable=True)][: self.options.max_detections]
+        sx, sy = prepared.scale
+        width, height = prepared.size
+        boxes = output["boxes"][keep] / torch.tensor([sx, sy, sx, sy])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        masks = self._masks(output["masks"][keep], prepared) if "masks" in output else None
+        keypoints = None
+        if "keypoints" in output:
+            points = output["keypoints"][keep].clone()
+            points[..., 0] /= sx
+            points[..., 1] /= sy
+            if "keypoints_scores" in output:
+                points[..., 2] = output["keypoints_scores"][keep]
+            keypoints = points.tolist()
+        detections = []
+        for n, i in enumerate(keep.tolist()):
+            index = int(output["labels"][i])
+            detections.append(Detection(
+                label=self.label(index), index=index, score=round(float(scores[i]), 6),
+                box=[round(v, 2) for v in boxes[n].tolist()],
+                mask=masks[n] if masks is not None else None,
+                keypoints=[[round(x, 2), round(y, 2), round(s, 4)] for x, y, s in keypoints[n]] if keypoints else None,
+            ))
+        return Detections(model=self.spec.name, detections=detections)
+
+    def _masks(self, soft: torch.Tensor, prepared: Prepared) -> list[RleMask]:
+        """Soft [K, 1, h, w] masks at the model input's size -> COCO RLE at the uploaded image's size."""
+        from pycocotools import mask as coco_mask
+
+        if not len(soft):
+            return []
+        width, height = prepared.size
+        if soft.shape[-2:] != (height, width):
+            soft = torch.nn.functional.interpolate(soft, size=(height, width), mode="bilinear", align_corners=False)
+        binary = (soft[:, 0] > self.options.mask_threshold).numpy().astype(np.uint8)
+        encoded = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        return [RleMask(size=[int(v) for v in e["size"]], counts=e["counts"].decode("ascii")) for e in encoded]
+
+    def torchserve(self, outputs, prepared, params) -> Any:
+        """object_detector's answer: per image a list of {"<label>": [x1, y1, x2, y2], "score": s}."""
+        results = [self.finish(o, p, params) for o, p in zip(outputs, prepared)]
+        answers = [[{d.label: d.box, "score": d.score} for d in r.detections] for r in results]
+        return answers if len(answers) > 1 else answers[0]
+
+    def v2_outputs(self) -> list[dict]:
+        return [
+            {"name": "boxes", "datatype": "FP32", "shape": [-1, -1, 4]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "labels", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "count", "datatype": "INT32", "shape": [-1]},
+        ]
+
+    def v2_tensors(self, outputs, prepared, params, classification) -> list[V2Output]:
+        """The JSON answer's detections as tensors padded to the batch's largest count (zeros)."""
+        results = [self.finish(o, p, params).detections for o, p in zip(outputs, prepared)]
+        n, k = len(results), max((len(r) for r in results), default=0)
+        boxes = np.zeros((n, k, 4), np.float32)
+        scores = np.zeros((n, k), np.float32)
+        labels = np.zeros((n, k), np.int64)
+        for i, detections in enumerate(results):
+            for j, d in enumerate(detections):
+                boxes[i, j], scores[i, j], labels[i, j] = d.box, d.score, d.index
+        count = np.array([len(r) for r in results], np.int32)
+        return [V2Output("boxes", "FP32", boxes, boxes.shape), V2Output("scores", "FP32", scores, scores.shape),
+                V2Output("labels", "INT64", labels, labels.shape), V2Output("count", "INT32", count, count.shape)]

@@ -1,0 +1,94 @@
+"""embed: a feature vector per image, the model's output or a named inner node of it
+(`embed: {node: avgpool}`, through torchvision.models.feature_extraction), optionally L2-normalised."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from serve.errors import ConfigError
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output
+
+NODE_OUTPUT = "embedding"
+
+
+class EmbedOptions(Options):
+    node: str | None = Field(None, description="an inner node's output instead of the model's (a name from "
+                                               "torchvision.models.feature_extraction.get_graph_node_names)")
+    normalize: bool = Field(False, description="scale each vector to unit L2 norm")
+
+
+class Embedding(Result):
+    model: str
+    embedding: list[float]
+    dim: int
+
+
+class Embed(Task):
+    name = "embed"
+    Options = EmbedOptions
+    Result = Embedding
+    formats = ("json",)
+
+    def __init__(self, spec, labels, device):
+        super().__init__(spec, labels, device)
+        from serve.preprocess import build_transform
+
+        self.transform = build_transform(spec.preprocess)
+        self.dim: int | None = None
+
+    def adapt(self, module: torch.nn.Module) -> torch.nn.Module:
+        """With `node`, a module that answers that node's output (FX-traced from the loaded one).
+
+        Raises:
+            ConfigError: no such node, or the module can't be traced.
+        """
+        node = self.options.node
+        if node is None:
+            return module
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        where = f"model '{self.spec.name}': field 'embed.node'"
+        try:
+            _, nodes = get_graph_node_names(module)
+        except Exception as exc:  # FX tracing of the user's module: any failure means no inner nodes
+            raise ConfigError(f"{where}: the model can't be traced to reach inner nodes ({str(exc)[:200]})") from None
+        if node not in nodes:
+            close = [n for n in nodes if node in n or n in node][:8] or nodes[-8:]
+            raise ConfigError(f"{where}: no node '{node}'; nodes include {close}")
+        return create_feature_extractor(module, return_nodes={node: NODE_OUTPUT}).eval()
+
+    def check(self, output: Any) -> None:
+        self.dim = self.split(output, 1)[0].shape[0]
+
+    def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
+        return Prepared(self.transform(image), size)
+
+    def split(self, output: Any, count: int) -> list[torch.Tensor]:
+        if isinstance(output, dict) and isinstance(output.get(NODE_OUTPUT), torch.Tensor):
+            output = output[NODE_OUTPUT]
+        if isinstance(output, torch.Tensor) and output.ndim > 2 and all(d == 1 for d in output.shape[2:]):
+            output = output.flatten(1)  # a pooled map [N, D, 1, 1]
+        if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != count:
+            raise self.unfit(output, f"a vector per image [{count}, dim] (or [{count}, dim, 1, 1]); "
+                                     "for a feature map, pick a pooled node with embed: {node: ...}")
+        output = output.float()
+        if self.options.normalize:
+            output = torch.nn.functional.normalize(output, dim=1)
+        return list(output.cpu())
+
+    def finish(self, output: torch.Tensor, prepared: Prepared, params: dict[str, Any]) -> Embedding:
+        return Embedding(model=self.spec.name, embedding=output.tolist(), dim=output.shape[0])
+
+    def v2_outputs(self) -> list[dict]:
+        return [{"name": "embedding", "datatype": "FP32", "shape": [-1, self.dim or -1]}]
+
+    def v2_tensors(self, outputs, prepared, params, classification) -> list[V2Output]:
+        data = np.stack([o.numpy() for o in outputs]).astype(np.float32)
+        return [V2Output("embedding", "FP32", data, data.shape)]
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "dim": self.dim}
