@@ -98,10 +98,8 @@ def run_check(args: argparse.Namespace) -> int:
     registry = Registry.load(config)
     for predictor in registry.predictors.values():
         meta = predictor.metadata()
-        size = {"classify": f"{meta['num_classes']} classes", "segment": f"{meta['num_classes']} classes",
-                "embed": f"{meta['task'].get('dim')} dimensions"}.get(predictor.task.name, "boxes")
         print(
-            f"{meta['name']}: ok, task {predictor.task.name} ({size}), {meta['architecture']} on {meta['device']}, "
+            f"{meta['name']}: ok, {predictor.task.summary()}, {meta['architecture']} on {meta['device']}, "
             f"runtime {meta['runtime']['name']}, {meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
         )
     registry.close()

@@ -48,6 +48,17 @@ def prediction_responses(result_refs: list[dict]) -> dict:
     }
 
 
+def merged_parameters(parameters: list[dict]) -> list[dict]:
+    """One entry per parameter name; where models differ, the narrowest maximum (it holds for every model)."""
+    merged: dict[str, dict] = {}
+    for param in parameters:
+        kept = merged.setdefault(param["name"], param)
+        maximum = param["schema"].get("maximum")
+        if maximum is not None and maximum < kept["schema"].get("maximum", maximum + 1):
+            merged[param["name"]] = param
+    return list(merged.values())
+
+
 def result_schemas(result_types) -> tuple[dict[str, dict], list[dict]]:
     """Components generated from the tasks' pydantic result models, and a $ref to each."""
     components: dict[str, dict] = {}
@@ -67,16 +78,10 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
     names = list(registry.predictors)
     tasks = {p.task.name: p.task for p in registry.predictors.values()}
     results, refs = result_schemas(dict.fromkeys(type(t).Result for t in tasks.values()))
-    classes = min((t.num_classes or 1) for t in tasks.values() if t.name == "classify") if "classify" in tasks else 1
-    query = [{"name": "topk", "in": "query", "required": False,
-              "schema": {"type": "integer", "minimum": 1, "maximum": classes},
-              "description": "classify: number of classes to answer (1..the model's class count)"},
-             {"name": "threshold", "in": "query", "required": False,
-              "schema": {"type": "number", "minimum": 0, "maximum": 1},
-              "description": "detect: the lowest score answered (default: the model's score_threshold)"},
-             {"name": "format", "in": "query", "required": False,
-              "schema": {"type": "string", "enum": sorted({f for t in tasks.values() for f in t.formats})},
-              "description": "json (default), torchserve (TorchServe's handler answer), png (segment: the mask itself)"}]
+    query = merged_parameters([p for t in tasks.values() for p in t.query_parameters()])
+    query.append({"name": "format", "in": "query", "required": False,
+                  "schema": {"type": "string", "enum": sorted({f for t in tasks.values() for f in t.formats})},
+                  "description": "json (the default), torchserve (TorchServe's handler answer), png (a segment mask itself)"})
     model_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
     predict = {"requestBody": IMAGE_BODY, "responses": prediction_responses(refs), "parameters": query}
     paths: dict[str, Any] = {

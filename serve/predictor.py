@@ -8,13 +8,13 @@ import torch
 
 from serve.config import ModelSpec
 from serve.cores import SMALL_FORWARD_MS
-from serve.errors import ConfigError
+from serve.errors import CheckpointError, ConfigError
 from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
 from serve.preprocess import draft, load_image, open_image, upright_size
 from serve.runtimes import RUNTIMES
 from serve.tasks import TASKS
-from serve.tasks.base import Prepared
+from serve.tasks.base import Prepared, describe_output
 
 
 class Predictor:
@@ -54,8 +54,15 @@ class Predictor:
             ConfigError: the labels don't match the output.
         """
         blank = self.task.blank()
+        model_input = self.task.collate([blank])
         with torch.inference_mode():
-            self.task.check(self.runtime.forward(self.task.collate([blank])))
+            try:
+                output = self.runtime.forward(model_input)
+            except Exception as exc:  # the user's forward on the task's input: any failure stops start-up
+                raise CheckpointError(
+                    f"model '{self.spec.name}': task '{self.task.name}': the model's forward failed on "
+                    f"{describe_output(model_input)}: {type(exc).__name__}: {str(exc)[:300]}") from None
+        self.task.check(output)
         if self.loaded.device.type == "cpu":
             self.forward_ms = self._time_forward(blank)
 

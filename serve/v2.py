@@ -336,8 +336,9 @@ def parse_outputs(header: dict, task: Task) -> dict[str, RequestedOutput]:
             raise InvalidRequestError(f"output '{name}': 'binary_data' must be a boolean")
         if not _is_int(classification) or classification < 0:
             raise InvalidRequestError(f"output '{name}': 'classification' must be a non-negative integer")
-        if classification and task.name != "classify":
-            raise InvalidRequestError(f"output '{name}': the 'classification' parameter applies to classify models only")
+        if classification and not task.v2_classification:
+            raise InvalidRequestError(f"output '{name}': the 'classification' parameter applies to class scores only "
+                                      f"(not to task '{task.name}')")
         outputs[name] = RequestedOutput(binary, classification)
     return outputs
 

@@ -57,7 +57,7 @@ def test_inspect_refuses_a_pickle_unless_trusted(tmp_path, capsys):
 def test_check_and_predict(tmp_path, tiny_checkpoint, capsys):
     config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint)])
     assert main(["check", str(config)]) == 0
-    assert ("tiny: ok, task classify (3 classes), models.tiny:TinyNet on cpu, runtime eager, bare state_dict"
+    assert ("tiny: ok, classify, 3 classes, models.tiny:TinyNet on cpu, runtime eager, bare state_dict"
             in capsys.readouterr().out)
     image = tmp_path / "blue.png"
     image.write_bytes(image_bytes((0, 0, 255)))

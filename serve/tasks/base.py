@@ -62,8 +62,10 @@ class Task:
     Result: ClassVar[type[Result]]
     # Every prepared input has the same shape (one stacked batch; V2's FP32 input is accepted).
     fixed_size: ClassVar[bool] = True
-    # Answer formats besides the default JSON (?format=...).
+    # Answer formats (?format=...).
     formats: ClassVar[tuple[str, ...]] = ("json", "torchserve")
+    # V2 outputs honour Triton's classification extension (output parameter "classification": K).
+    v2_classification: ClassVar[bool] = False
 
     def __init__(self, spec, labels: tuple[str, ...] | None, device: torch.device):
         from serve.preprocess import build_normalizer
@@ -119,6 +121,10 @@ class Task:
         """This task's query parameters, validated. Raises: InvalidRequestError."""
         return {}
 
+    def query_parameters(self) -> list[dict]:
+        """The OpenAPI description of the query parameters parse_params reads."""
+        return []
+
     def collate(self, inputs: list[torch.Tensor]) -> Any:
         """Batcher thread: uint8 inputs of one shape -> the model's input, normalized, on its device."""
         batch = torch.stack(inputs)
@@ -168,6 +174,10 @@ class Task:
         """What /models/<name> says of the task."""
         return {"name": self.name, **self.options.model_dump()}
 
+    def summary(self) -> str:
+        """What the model answers, in a few words (python -m serve check)."""
+        return self.name
+
 
 def describe_output(output: Any) -> str:
     """A model output's structure in a few words: [1, 21, 64, 64], dict(out=[...]), list of 2 dicts..."""
@@ -178,7 +188,7 @@ def describe_output(output: Any) -> str:
                           for k, v in list(output.items())[:6])
         return f"a dict ({inner})"
     if isinstance(output, (list, tuple)):
-        kinds = sorted({type(v).__name__ for v in output})
+        kinds = sorted({f"tensor {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in output})
         return f"a {type(output).__name__} of {len(output)} ({', '.join(kinds)})"
     return f"a {type(output).__name__}"
 

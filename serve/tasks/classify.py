@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from serve.errors import ConfigError, InvalidRequestError
+from serve.errors import ConfigError
 from serve.tasks.base import Options, Prepared, Result, Task, V2Output, parse_number
 
 
@@ -34,6 +34,7 @@ class Classify(Task):
     name = "classify"
     Options = ClassifyOptions
     Result = Classification
+    v2_classification = True
 
     def __init__(self, spec, labels, device):
         super().__init__(spec, labels, device)
@@ -57,6 +58,14 @@ class Classify(Task):
     def parse_params(self, args: Mapping[str, str]) -> dict[str, Any]:
         topk = parse_number(args, "topk", int, 1, self.num_classes or 1)
         return {"topk": topk or min(self.spec.topk, self.num_classes or self.spec.topk)}
+
+    def query_parameters(self) -> list[dict]:
+        return [{"name": "topk", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": self.num_classes or 1},
+                 "description": "classify: number of classes to answer (1..the model's class count)"}]
+
+    def summary(self) -> str:
+        return f"classify, {self.num_classes} classes"
 
     def split(self, output: Any, count: int) -> list[torch.Tensor]:
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -109,9 +118,3 @@ class Classify(Task):
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "num_classes": self.num_classes, "topk": self.spec.topk}
-
-
-def check_classification(classification: dict[str, int]) -> None:
-    """Raises: InvalidRequestError: the classification extension on a task without class scores."""
-    if any(classification.values()):
-        raise InvalidRequestError("the 'classification' output parameter applies to classify models only")

@@ -79,6 +79,14 @@ class Detect(Task):
         # Images of any size: a list, never a stacked batch (the model's transform batches them).
         return [x.to(self.device).float().div_(255.0) for x in inputs]
 
+    def query_parameters(self) -> list[dict]:
+        return [{"name": "threshold", "in": "query", "required": False,
+                 "schema": {"type": "number", "minimum": 0, "maximum": 1},
+                 "description": "detect: the lowest score answered (default: the model's score_threshold)"}]
+
+    def summary(self) -> str:
+        return f"detect, score_threshold {self.options.score_threshold:g}"
+
     def run_float(self, forward, inputs):
         return self.split(forward(list(inputs)), len(inputs))
 

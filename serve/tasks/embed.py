@@ -61,6 +61,9 @@ class Embed(Task):
             raise ConfigError(f"{where}: no node '{node}'; nodes include {close}")
         return create_feature_extractor(module, return_nodes={node: NODE_OUTPUT}).eval()
 
+    def summary(self) -> str:
+        return f"embed, {self.dim} dimensions"
+
     def check(self, output: Any) -> None:
         self.dim = self.split(output, 1)[0].shape[0]
 

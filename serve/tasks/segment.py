@@ -83,6 +83,9 @@ class Segment(Task):
             raise ConfigError(f"model '{self.spec.name}': field 'labels': {len(self.labels)} labels, "
                               f"but the model segments {self.num_classes} classes")
 
+    def summary(self) -> str:
+        return f"segment, {self.num_classes} classes"
+
     def decode_sides(self) -> dict[str, int | None]:
         return {"min_side": self.spec.preprocess.resize, "max_side": None}
 
