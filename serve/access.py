@@ -74,6 +74,7 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
             "batch_size": BATCH_SIZE.get(),
             "bytes_in": request.content_length,
             "remote": request.remote_addr,
+            "key": g.get("api_key_name"),  # the API key's name (serve/auth.py), never the key
         }))
         return response
 
