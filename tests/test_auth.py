@@ -14,8 +14,8 @@ import pytest
 import requests
 import yaml
 from conftest import image_bytes, metric, tiny_model_config, write_config
-from servers import Server
 from flask import jsonify
+from servers import Server
 
 from serve.auth import ROUTE_SCOPES, SCOPES, exposure_warning, parse_keys, required_scope
 from serve.config import ServerSettings, build_config
