@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -132,6 +133,22 @@ class ServerSettings(_Frozen):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="the server's own logs; access lines are always JSON")
     enable_management: bool = Field(False, description="serve POST /models/<name>/reload")
+    api_keys_file: Path | None = Field(None, description="API keys and their scopes (serve/auth.py), re-read when the file changes")
+    api_keys: SecretStr | None = Field(None, description="the same document as text (SERVE_API_KEYS), fixed until restart")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: the server speaks HTTPS only")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle: every client must present a certificate it signed")
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file (client certificates) needs tls_cert_file and tls_key_file")
+        if self.api_keys_file is not None and self.api_keys is not None:
+            raise ValueError("set api_keys_file (SERVE_API_KEYS_FILE) or api_keys (SERVE_API_KEYS), not both")
+        return self
 
 
 class ServeConfig(_Frozen):
@@ -175,7 +192,18 @@ SERVER_ENV = {
     "SERVE_LOG_LEVEL": "log_level",
     "SERVE_LOG_FORMAT": "log_format",
     "SERVE_ENABLE_MANAGEMENT": "enable_management",
+    "SERVE_API_KEYS_FILE": "api_keys_file",
+    "SERVE_API_KEYS": "api_keys",
+    "SERVE_TLS_CERT_FILE": "tls_cert_file",
+    "SERVE_TLS_KEY_FILE": "tls_key_file",
+    "SERVE_TLS_CA_FILE": "tls_ca_file",
+    "SERVE_TLS_MIN_VERSION": "tls_min_version",
 }
+# Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
+# are), relative to the working directory when the environment does.
+SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file")
+# Never echoed in an error message: the value may hold keys.
+SECRET_FIELDS = ("api_keys",)
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -222,6 +250,9 @@ def build_config(
     if isinstance(raw_models, list):
         data["models"] = [_resolve_model(m, i, base, env) for i, m in enumerate(raw_models)]
     server = dict(data.get("server") or {})
+    for field in SERVER_PATH_FIELDS:
+        if isinstance(server.get(field), str):
+            server[field] = (base / Path(server[field]).expanduser()).resolve()
     server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
     data["server"] = server
     data["source"] = source
@@ -278,6 +309,14 @@ def _describe(exc: ValidationError, raw_models: Any) -> str:
         if not field and err["type"] == "value_error":  # a whole-entry check: its message says it all
             lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
             continue
-        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.80})"
+        given = err.get("input")
+        secret = any(str(p) in SECRET_FIELDS for p in loc) or _holds_secret(given)
+        got = "" if err["type"] == "missing" or secret else f" (got {given!r:.80})"
         lines.append(f"{where}: field '{field or '-'}': {err['msg']}{got}")
     return "invalid config: " + "; ".join(dict.fromkeys(lines))
+
+
+def _holds_secret(value: Any) -> bool:
+    """Whether an input (a whole section, for a model-level error) carries a secret field."""
+    return isinstance(value, Mapping) and any(
+        key in SECRET_FIELDS or _holds_secret(inner) for key, inner in value.items())

@@ -29,6 +29,49 @@
   let requestSeq = 0;
   let inFlight = null;
 
+  // ---- API key: asked for only when the server answers 401; kept in this tab (sessionStorage) ----
+
+  const KEY_STORE = "torch-serve.api-key";
+  const keyForm = $("key-form");
+  const keyInput = $("api-key");
+  const keyNote = $("key-note");
+  let afterKey = null;
+
+  // fetch() with the key, if one was given, as X-API-Key.
+  function api(url, options = {}) {
+    const headers = new Headers(options.headers || {});
+    const key = sessionStorage.getItem(KEY_STORE);
+    if (key) headers.set("X-API-Key", key);
+    return fetch(url, { ...options, headers });
+  }
+
+  // Show the key field; `retry` runs once a key is entered. Returns true if the answer was a 401.
+  function askedForKey(response, retry) {
+    if (response.status !== 401) return false;
+    const refused = sessionStorage.getItem(KEY_STORE) !== null;
+    sessionStorage.removeItem(KEY_STORE);
+    keyNote.textContent = refused
+      ? "The server did not accept that key. Enter another one."
+      : "This server needs an API key. It is kept in this browser tab only.";
+    keyForm.hidden = false;
+    keyInput.focus();
+    afterKey = retry;
+    setState("idle", "Waiting for an API key.");
+    return true;
+  }
+
+  keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = keyInput.value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORE, key);
+    keyInput.value = "";
+    keyForm.hidden = true;
+    const retry = afterKey;
+    afterKey = null;
+    if (retry) retry();
+  });
+
   function percent(p) {
     const pct = p * 100;
     if (pct >= 1) return pct.toFixed(1) + "%";
@@ -116,7 +159,8 @@
 
   async function loadModels() {
     try {
-      const response = await fetch("models", { headers: { Accept: "application/json" } });
+      const response = await api("models", { headers: { Accept: "application/json" } });
+      if (askedForKey(response, loadModels)) return;
       if (!response.ok) {
         const { message } = await readError(response);
         throw new Error(message);
@@ -262,7 +306,7 @@
     let response;
     let body;
     try {
-      response = await fetch(url, { method: "POST", body: form, signal: controller.signal });
+      response = await api(url, { method: "POST", body: form, signal: controller.signal });
       if (response.ok) body = await response.json();
     } catch (e) {
       if (e.name === "AbortError" || seq !== requestSeq) return;
@@ -275,6 +319,7 @@
     if (seq !== requestSeq) return; // a newer image or setting replaced this one
     inFlight = null;
     results.classList.remove("stale");
+    if (askedForKey(response, () => classify(file))) return;
 
     if (!response.ok) {
       const { message, detail } = await readError(response);
