@@ -11,7 +11,7 @@ from serve.cores import SMALL_FORWARD_MS
 from serve.errors import CheckpointError, ConfigError, InvalidRequestError
 from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
-from serve.preprocess import build_normalizer, build_transform, load_image, open_image
+from serve.preprocess import build_normalizer, build_transform, draft_side, load_image, open_image
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Predictor:
             InvalidImageError, ImageTooLargeError: see decode_image.
         """
         mode = self.spec.preprocess.mode
-        image = open_image(data, self.pixels.limit, mode, min_side=self.spec.preprocess.resize)
+        image = open_image(data, self.pixels.limit, mode, min_side=draft_side(self.spec.preprocess))
         pixels = image.width * image.height
         with self.pixels.hold(pixels):  # from the first decoded pixel until only the small tensor is left
             tensor = self.transform(load_image(image, mode))
