@@ -178,12 +178,14 @@ def _refusal(exc: pickle.UnpicklingError, path: Path) -> str | None:
     text = str(exc)
     name = safe_globals.refused_global(text)
     if name is not None:
+        allow = "" if name.split(".")[0] in safe_globals.BLOCKED_MODULES else (
+            f" If '{name}' is plain data whose unpickling runs no code, add "
+            f"'{safe_globals.as_config_name(name)}' to this model's safe_globals.")
         return (
             f"checkpoint {path} holds pickled Python objects ('{name}'), which can run arbitrary code when "
-            f"loaded; refused{training.lightning_hint(path)}. If '{name}' is plain data whose unpickling runs "
-            f"no code, add '{safe_globals.as_config_name(name)}' to this model's safe_globals. A whole model "
-            f"saved with torch.save(model): save model.state_dict() instead, or set trust_pickle: true for "
-            f"this model if you trust the file"
+            f"loaded; refused{training.lightning_hint(path)}.{allow} A whole model saved with "
+            f"torch.save(model): save model.state_dict() instead, or set trust_pickle: true for this model "
+            f"if you trust the file"
         )
     if "not unpickled" in text or "does not match its" in text:
         reason = next(line for line in text.splitlines() if "not unpickled" in line or "does not match its" in line)
