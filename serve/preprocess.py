@@ -17,8 +17,9 @@ RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
 }
 # An exact transform resizes the whole image, then crops; past this many times the crop's area (a
-# sliver 16 times longer than wide), it resamples only the cropped region, as the fast path does.
-EXACT_MAX_AREA = 16
+# sliver about 56 times longer than wide at crop_pct 0.875: 10 MB at 224 px), it resamples only the
+# cropped region, as the fast path does (within one level of the exact pixels).
+EXACT_MAX_AREA = 64
 # Modes with more than 8 bits a sample: Pillow's convert("RGB") clips them instead of scaling.
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 

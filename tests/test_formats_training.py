@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -116,11 +118,13 @@ def test_general_checkpoint_with_numpy_metrics_loads(tmp_path, photos):
     path = tmp_path / "best.pth"
     torch.save({"epoch": np.int64(12), "model_state_dict": model.state_dict(), "best_acc": np.float64(0.93),
                 "history": np.array([[0.5, 0.7], [0.8, 0.93]]), "flags": np.array([True, False]),
-                "big_endian": np.array([1, 2], dtype=">i4"), "seen": frozenset({"a"})}, path)
+                "big_endian": np.array([1, 2], dtype=">i4"), "seen": frozenset({"a"}),
+                "out_dir": pathlib.PosixPath("/runs/7"), "saved_at": datetime.datetime(2026, 1, 2, 3, 4)}, path)
     obj = read_checkpoint(path)
     assert obj["best_acc"] == np.float64(0.93) and type(obj["best_acc"]) is np.float64
     assert obj["epoch"] == 12 and obj["history"].array.tolist() == [[0.5, 0.7], [0.8, 0.93]]
     assert obj["big_endian"].array.tolist() == [1, 2] and obj["flags"].array.tolist() == [True, False]
+    assert obj["out_dir"] == pathlib.PosixPath("/runs/7") and obj["saved_at"].year == 2026
     entry = {"name": "general", "architecture": f"timm:{ARCH}", "kwargs": {"num_classes": 10}, "checkpoint": str(path),
              "device": "cpu", "preprocess": {"resize": 168, "crop": 160, "mean": [0.5] * 3, "std": [0.5] * 3,
                                              "exact": True}}
