@@ -13,7 +13,11 @@ from torch import nn
 
 from serve.config import load_config
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
-from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint
+from serve.formats.entry import suggest_entry
+from serve.formats.safe_globals import resolve_safe_globals
+from serve.formats.timm_folder import is_model_folder
+from serve.formats.training import ema_entry
+from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint, weights_path
 from serve.registry import Registry
 
 
@@ -24,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("checkpoint", type=Path)
     inspect.add_argument("--key", help="the state_dict_key to use, as in the config")
     inspect.add_argument("--trust-pickle", action="store_true", help="allow a whole-model pickle (runs its code)")
+    inspect.add_argument("--safe-global", action="append", default=[], metavar="MODULE:CLASS",
+                         help="a class the file may hold besides tensors, as the config's safe_globals")
+    inspect.add_argument("--config", action="store_true", help="print a models.yaml entry for the file instead")
     check = commands.add_parser("check", help="load and warm up every model of a config, then report")
     check.add_argument("config", nargs="?", type=Path, help="default: SERVE_CONFIG or models/models.yaml")
     predict = commands.add_parser("predict", help="print a model's answer for an image (its task's JSON)")
@@ -44,13 +51,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    path: Path = args.checkpoint
+    folder: Path = args.checkpoint.resolve()
+    path = weights_path(folder)
     fmt = (
         "safetensors" if path.suffix == ".safetensors"
         else "zip (torch.save, PyTorch >= 1.6)" if zipfile.is_zipfile(path)
         else "legacy (torch.save before 1.6, or _use_new_zipfile_serialization=False)"
     )
-    obj = read_checkpoint(path, "cpu", trust_pickle=args.trust_pickle)
+    allowed = resolve_safe_globals(args.safe_global, "inspect")
+    obj = read_checkpoint(path, "cpu", trust_pickle=args.trust_pickle, allowed=allowed)
+    if args.config:
+        print("\n".join(suggest_entry(folder, obj, find_state_dict, tuple(args.safe_global))))
+        return 0
+    if is_model_folder(folder):
+        print(f"folder:  {folder} (timm / Hugging Face model folder: config.json + {path.name})")
     print(f"file:    {path} ({path.stat().st_size} bytes)")
     print(f"sha256:  {file_sha256(path)}")
     print(f"format:  {fmt}")
@@ -66,6 +80,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 _print_tensors(value)
         return 0
     print(f"layout:  {layout}")
+    if isinstance(obj, Mapping) and (ema := ema_entry(obj, is_state_dict)) and args.key is None:
+        print(f"ema:     '{ema}' holds EMA weights (weights: ema serves them; --key {ema} lists them)")
     if isinstance(weights, nn.Module):
         weights = weights.state_dict()
     print()

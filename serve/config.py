@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from serve.errors import ConfigError
+from serve.formats.timm_folder import folder_fields, is_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
@@ -40,7 +41,14 @@ class PreprocessSpec(_Frozen):
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     mode: Literal["RGB", "L"] = "RGB"
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] = "bilinear"
+    # How a timm eval transform crops (timm folders set these; see serve/formats/timm_folder.py).
+    crop_mode: Literal["center", "squash", "border"] = Field(
+        "center", description="center: shorter side to resize, centre crop; squash: both sides to resize; "
+        "border: longer side to resize, padded with the mean colour")
+    exact: bool = Field(
+        False, description="the same pixels as torchvision's Resize + CenterCrop (timm's eval transform): "
+        "no reduced-scale JPEG decoding, one resampling pass; slower on large photos")
 
     @property
     def channels(self) -> int:
@@ -77,6 +85,14 @@ class ModelSpec(_Frozen):
     max_delay_ms: float = Field(0.0, ge=0, description="longest a batch waits for more images; 0 = take what is queued")
     half: bool = Field(False, description="float16 weights and inputs on a GPU (ignored on the CPU)")
     channels_last: bool = Field(False, description="NHWC memory format for weights and inputs")
+    # Checkpoint formats (serve/formats/): which weights of a training checkpoint, what may be unpickled.
+    weights: Literal["default", "ema"] = Field(
+        "default", description="ema: the checkpoint's EMA weights (timm's state_dict_ema, model_ema, ...)")
+    strip_prefix: str | None = Field(
+        None, pattern=r"^[^.].*\.$", description="serve the keys under this prefix (ending in '.'), without it")
+    safe_globals: tuple[str, ...] = Field(
+        (), description="'package.module:Class' objects the checkpoint may hold besides tensors (unpickling "
+        "them must run no code)")
     # What goes in and what comes out (serve/tasks): the task's own fields sit under its name, e.g.
     # `task: embed` with `embed: {node: avgpool}`; task_options holds them, validated by the task.
     task: str = Field("classify", description="classify, detect, segment or embed")
@@ -111,6 +127,11 @@ class ModelSpec(_Frozen):
     def _check(self) -> ModelSpec:
         if self.architecture is None and not self.trust_pickle:
             raise ValueError("architecture is required unless trust_pickle is true (a whole-model pickle)")
+        if self.weights == "ema" and self.state_dict_key is not None:
+            raise ValueError("weights: ema and state_dict_key both choose the weights; set one")
+        for name in self.safe_globals:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
+                raise ValueError(f"safe_globals entry '{name}' is not 'package.module:Class'")
         return self
 
 
@@ -271,9 +292,25 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> 
         model["device"] = env["SERVE_DEVICE"]
     if isinstance(model.get("checkpoint"), str):
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
+        if is_model_folder(model["checkpoint"]):
+            model = _with_folder_fields(model, name)
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
         model["labels"] = _resolve_path(labels, base, name, "labels")
+    return model
+
+
+def _with_folder_fields(model: dict, name: str) -> dict:
+    """A timm model folder answers what the entry leaves out: architecture (and with it kwargs), labels,
+    and each preprocess field."""
+    found = folder_fields(model["checkpoint"], name)
+    if "architecture" not in model:
+        model["architecture"] = found["architecture"]
+        model["kwargs"] = {**found["kwargs"], **(model.get("kwargs") or {})}
+    if "labels" not in model and "labels" in found:
+        model["labels"] = found["labels"]
+    given = model.get("preprocess")
+    model["preprocess"] = {**found["preprocess"], **given} if isinstance(given, dict) else given or found["preprocess"]
     return model
 
 

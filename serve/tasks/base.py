@@ -112,7 +112,9 @@ class Task:
 
     def decode_sides(self) -> dict[str, int | None]:
         """open_image's reduced-scale JPEG hints: the shorter side needed (min_side), the longer side cap (max_side)."""
-        return {"min_side": self.spec.preprocess.resize, "max_side": None}
+        from serve.preprocess import draft_side
+
+        return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
         """Request thread: the decoded upright image (a JPEG maybe decoded at reduced scale) and the

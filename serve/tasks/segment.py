@@ -88,7 +88,9 @@ class Segment(Task):
         return f"segment, {self.num_classes} classes"
 
     def decode_sides(self) -> dict[str, int | None]:
-        return {"min_side": self.spec.preprocess.resize, "max_side": None}
+        from serve.preprocess import draft_side
+
+        return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
         width, height = image.size
