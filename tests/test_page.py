@@ -290,3 +290,78 @@ def test_the_page_asks_for_an_api_key_on_401(browser, keyed_server, tmp_path):
     page_ready(browser, keyed_server)
     assert not by_id(browser, "key-form").is_displayed()
     screenshot(browser, tmp_path, "page-with-key.png")
+
+
+# ---- other tasks in the page: boxes, a mask, an embedding -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task_server(tmp_path_factory):
+    """A detector, a segmenter and an embedder whose answers are known (models/bright.py, the tiny net)."""
+    import torch
+
+    from conftest import tiny_model_config, tiny_net, write_config
+    from models.bright import BrightBoxDetector, BrightSegmenter
+
+    folder = tmp_path_factory.mktemp("page-tasks")
+    torch.save(BrightBoxDetector().state_dict(), folder / "detector.pth")
+    torch.save(BrightSegmenter().state_dict(), folder / "segmenter.pth")
+    torch.save(tiny_net().state_dict(), folder / "tiny.pth")
+    plain = {"mean": [0, 0, 0], "std": [1, 1, 1]}
+    config = write_config(folder, [
+        {"name": "boxes", "task": "detect", "architecture": "models.bright:BrightBoxDetector", "device": "cpu",
+         "checkpoint": str(folder / "detector.pth"), "labels": ["__background__", "bright"], "preprocess": plain},
+        {"name": "regions", "task": "segment", "architecture": "models.bright:BrightSegmenter", "device": "cpu",
+         "checkpoint": str(folder / "segmenter.pth"), "labels": ["dark", "bright"],
+         "preprocess": {"resize": 320, "crop": 320, **plain}},
+        {**tiny_model_config(folder / "tiny.pth"), "name": "colours", "task": "embed"},
+    ])
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "1"}, folder / "gunicorn.log",
+                    inherit_settings=False)
+    yield server.url + "/"
+    assert server.stop() == 0
+
+
+def overlay_pixel(driver, x: int, y: int) -> list[int]:
+    """The overlay canvas's RGBA at (x, y) in the image's own pixels."""
+    return driver.execute_script(
+        "return Array.from(document.getElementById('overlay').getContext('2d').getImageData(arguments[0], arguments[1], 1, 1).data)",
+        x, y)
+
+
+def test_boxes_mask_and_embedding_in_chromium(browser, task_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    photo = tmp_path / "bright.png"
+    image = Image.new("RGB", (480, 320), (30, 40, 60))
+    image.paste((250, 240, 200), (120, 80, 300, 220))
+    image.save(photo)
+    page_ready(browser, task_server)
+    model = Select(by_id(browser, "model"))
+
+    model.select_by_visible_text("boxes")
+    assert "detect" in by_id(browser, "model-info").text and not by_id(browser, "topk").is_displayed()
+    assert upload(browser, photo) == "done", by_id(browser, "error").text
+    assert by_id(browser, "status").text == "1 found; most confident: bright (90.0%)."
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .label")] == ["bright"]
+    assert by_id(browser, "overlay").is_displayed()
+    assert overlay_pixel(browser, 120, 150)[3] == 255  # the box's left edge, drawn
+    assert overlay_pixel(browser, 200, 150)[3] == 0  # inside the box: the photo shows through
+    screenshot(browser, tmp_path, "page-detect.png")
+
+    model.select_by_visible_text("regions")
+    assert upload(browser, photo) == "done", by_id(browser, "error").text
+    WebDriverWait(browser, WAIT_S).until(lambda d: by_id(d, "overlay").get_attribute("data-drawn") == "mask")
+    legend = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .prediction-row")]
+    assert legend == ["dark\n83.6%", "bright\n16.4%"], legend  # 180 x 140 of 480 x 320 pixels
+    inside, outside = overlay_pixel(browser, 200, 150), overlay_pixel(browser, 20, 20)
+    assert inside[3] > 0 and outside[3] > 0 and inside[:3] != outside[:3]  # two classes, two colours
+    screenshot(browser, tmp_path, "page-segment.png")
+
+    model.select_by_visible_text("colours")
+    assert upload(browser, photo) == "done"
+    assert re.fullmatch(r"An embedding of 3 dimensions, L2 norm \d+\.\d{3}\.", by_id(browser, "status").text)
+    assert by_id(browser, "summary").text.startswith("[") and not by_id(browser, "overlay").is_displayed()
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe

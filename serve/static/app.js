@@ -146,7 +146,9 @@
     const parts = [taskOf(m)];
     if (m.num_classes) parts.push(`${m.num_classes.toLocaleString()} classes`);
     if (m.task && m.task.dim) parts.push(`${m.task.dim} dimensions`);
-    if (m.input && m.input.shape) parts.push(`input ${m.input.shape.join("×")}`);
+    if (m.input && m.input.shape) {
+      parts.push(m.input.shape.includes(-1) ? "input of any size" : `input ${m.input.shape.join("×")}`);
+    }
     if (m.device) parts.push(`on ${m.device}`);
     if (m.ready === false) parts.push("still loading");
     return parts.join(" · ");
