@@ -61,12 +61,15 @@ class ModelSpec(_Frozen):
     """One model to serve: how to build it, where its weights are and how to feed it."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    architecture: str | None = None
+    architecture: str | None = None  # None: the checkpoint must carry its model (checked when loading)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path
     state_dict_key: str | None = None
     strict: bool = True
     trust_pickle: bool = False
+    trust_code: bool = Field(False, description="run the Python a checkpoint carries: a TorchServe archive's "
+                             "modelFile, torch.export.load's deserializer")
+    task: Literal["classify", "detect", "segment", "embed"] = "classify"
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     labels: tuple[str, ...] | Path | str | None = None
     topk: int = Field(5, gt=0)
@@ -105,12 +108,6 @@ class ModelSpec(_Frozen):
                 f"field '{task}.{'.'.join(str(p) for p in e['loc'])}': {e['msg']} (got {e.get('input')!r:.40})"
                 for e in exc.errors())) from None
         return data
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
-        if self.architecture is None and not self.trust_pickle:
-            raise ValueError("architecture is required unless trust_pickle is true (a whole-model pickle)")
-        return self
 
 
 class ServerSettings(_Frozen):

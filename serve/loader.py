@@ -17,6 +17,7 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, DeviceError
+from serve.formats import Implied, open_model
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class LoadedModel:
     sha256: str
     load_time_s: float
     skipped_keys: tuple[str, ...] = ()
+    implied: Implied | None = None  # what a self-contained checkpoint says (task, labels, preprocess)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -280,17 +282,29 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             raise CheckpointError(
                 f"checkpoint {spec.checkpoint} sha256 is {digest or 'unreadable'}, config expects {spec.sha256}"
             )
-        obj = read_checkpoint(spec.checkpoint, device, trust_pickle=spec.trust_pickle)
-        weights, layout = find_state_dict(obj, spec.state_dict_key)
-        skipped: tuple[str, ...] = ()
-        if isinstance(weights, nn.Module) and spec.architecture is None:
-            module = weights
+        # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats).
+        opened = open_model(spec, device)
+        implied = opened.implied if opened is not None else None
+        if opened is not None:
+            module, layout, skipped = opened.module, opened.layout, opened.skipped_keys
         else:
-            module = build_module(spec.architecture, spec.kwargs, spec.name)
-            if isinstance(weights, nn.Module):
-                weights = weights.state_dict()
-            skipped = load_weights(module, weights, spec.strict)
-        del obj, weights
+            obj = read_checkpoint(spec.checkpoint, device, trust_pickle=spec.trust_pickle)
+            weights, layout = find_state_dict(obj, spec.state_dict_key)
+            skipped: tuple[str, ...] = ()
+            if isinstance(weights, nn.Module) and spec.architecture is None:
+                module = weights
+            elif spec.architecture is None:
+                raise ConfigError(
+                    f"model '{spec.name}': field 'architecture': required for a state_dict checkpoint "
+                    f"({layout}); only a TorchScript file, a torch.export program, a TorchServe archive or a "
+                    f"trusted whole-model pickle carries its own"
+                )
+            else:
+                module = build_module(spec.architecture, spec.kwargs, spec.name)
+                if isinstance(weights, nn.Module):
+                    weights = weights.state_dict()
+                skipped = load_weights(module, weights, spec.strict)
+            del obj, weights
         module = module.to(device).eval()
         if spec.half and device.type == "cuda":
             module = module.half()
@@ -303,7 +317,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise type(exc)(message) from None
     elapsed = time.perf_counter() - started
     log.info("model '%s' loaded from %s (%s) on %s in %.2fs", spec.name, spec.checkpoint.name, layout, device, elapsed)
-    return LoadedModel(module, device, layout, digest, elapsed, skipped)
+    return LoadedModel(module, device, layout, digest, elapsed, skipped, implied)
 
 
 def load_labels(spec: ModelSpec) -> tuple[str, ...] | None:
