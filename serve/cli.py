@@ -13,6 +13,7 @@ from torch import nn
 
 from serve.config import load_config
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
+from serve.formats import describe
 from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint
 from serve.registry import Registry
 
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     path: Path = args.checkpoint
+    described = describe(path) if path.is_file() else None  # a self-contained format: none of its code runs
+    if described is not None:
+        lines = [("file", f"{path} ({path.stat().st_size} bytes)"), ("sha256", file_sha256(path)), *described]
+        width = max(len(label) for label, _ in lines) + 2
+        for label, text in lines:
+            print(f"{label}:".ljust(width) + text)
+        return 0
     fmt = (
         "safetensors" if path.suffix == ".safetensors"
         else "zip (torch.save, PyTorch >= 1.6)" if zipfile.is_zipfile(path)

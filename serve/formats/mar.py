@@ -290,11 +290,13 @@ def describe(path: Path) -> list[tuple[str, str]]:
         manifest = read_manifest(archive, path.name)
         if manifest.builtin is not None:
             task, preprocess = HANDLERS[manifest.builtin]
-            handler = f"{manifest.handler} (built-in: task {task}, preprocess {_brief(preprocess)})"
+            handler = f"{manifest.handler} (built-in)"
+            verdict = [("task", task), ("preprocess", _brief(preprocess))]
         else:
-            handler = f"{manifest.handler} (custom: never imported here, so the archive is refused)"
+            handler = f"{manifest.handler} (custom: never imported here)"
+            verdict = [("task", "none: an archive with a custom handler is refused")]
         lines = [("model", f"{manifest.model_name} (torch-model-archiver {manifest.archiver_version})"),
-                 ("handler", handler)]
+                 ("handler", handler), *verdict]
         if manifest.model_file:
             classes = ", ".join(defined_classes(archive, manifest.model_file)) or "none found"
             lines.append(("model file", f"{manifest.model_file} (classes defined: {classes}; importing it "
