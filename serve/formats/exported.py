@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import sympy
 import torch
 from torch import nn
 
@@ -165,8 +166,8 @@ def batch_range(program: torch.export.ExportedProgram, spec: ModelSpec) -> tuple
     bounds = program.range_constraints.get(batch.node.expr)
     if bounds is None:
         return 1, None
-    upper = bounds.upper
-    return max(1, int(bounds.lower)), (int(upper) if upper.is_finite else None)
+    upper = bounds.upper  # a sympy Integer, or torch's int_oo (which calls itself finite) for no bound
+    return max(1, int(bounds.lower)), (int(upper) if isinstance(upper, sympy.Integer) else None)
 
 
 def _shape(value: torch.Tensor) -> list:
