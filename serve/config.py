@@ -69,7 +69,6 @@ class ModelSpec(_Frozen):
     trust_pickle: bool = False
     trust_code: bool = Field(False, description="run the Python a checkpoint carries: a TorchServe archive's "
                              "modelFile, torch.export.load's deserializer")
-    task: Literal["classify", "detect", "segment", "embed"] = "classify"
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     labels: tuple[str, ...] | Path | str | None = None
     topk: int = Field(5, gt=0)

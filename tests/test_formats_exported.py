@@ -104,18 +104,19 @@ def made(tmp_path_factory):
 
 # ---------------------------------------------------------------- serving and comparing
 
-def served(spec_or_config, image: bytes | list[bytes], topk: int = 5):
+def served(spec_or_config, image: bytes | list[bytes], topk: int = 5, params: str | None = None):
     """The answer of the real app for one image (or a list, in one multipart request)."""
     config = spec_or_config if isinstance(spec_or_config, ServeConfig) else build_config({"models": [spec_or_config]})
     app = create_app(config)
     try:
         client = app.test_client()
         name = config.models[0].name
+        query = params or f"topk={topk}"
         if isinstance(image, list):
             data = {f"image{i}": (io.BytesIO(b), f"x{i}.jpg") for i, b in enumerate(image)}
-            response = client.post(f"/predictions/{name}?topk={topk}", data=data, content_type="multipart/form-data")
+            response = client.post(f"/predictions/{name}?{query}", data=data, content_type="multipart/form-data")
         else:
-            response = client.post(f"/predictions/{name}?topk={topk}", data=image, content_type="application/octet-stream")
+            response = client.post(f"/predictions/{name}?{query}", data=image, content_type="application/octet-stream")
         assert response.status_code == 200, response.json
         return response.json, client.get(f"/models/{name}").json
     finally:
@@ -403,8 +404,8 @@ def test_archive_whose_weights_are_a_malicious_pickle_is_refused(tmp_path, eager
     assert not pickle_marker.exists() and not model_marker.exists()
 
 
-def test_archive_with_the_object_detector_handler_implies_detect(tmp_path):
-    """(e): the archive gives the weights, the config the torchvision builder."""
+def test_archive_with_the_object_detector_handler_serves_detections(tmp_path, cat_jpeg):
+    """(e): the archive gives the weights and the task, the config the torchvision builder."""
     kwargs = {"weights_backbone": None, "num_classes": 3}
     torch.manual_seed(2)
     detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, **kwargs)
@@ -421,7 +422,16 @@ def test_archive_with_the_object_detector_handler_implies_detect(tmp_path):
     merged = apply_implied(spec, loaded.implied)
     assert merged.task == "detect"
     assert merged.labels == ("__background__", "cat", "dog")
-    assert (merged.preprocess.mean, merged.preprocess.std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    answer, _ = served(ServeConfig(models=(merged,)), cat_jpeg, params="threshold=0")
+    image = decode_image(cat_jpeg, 10**8)
+    with torch.inference_mode():
+        expected = detector.eval()([torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+                                    .view(image.height, image.width, 3).permute(2, 0, 1).float() / 255])[0]
+    assert len(answer["detections"]) == len(expected["scores"]) > 0
+    for found, score, box, label in zip(answer["detections"], expected["scores"], expected["boxes"], expected["labels"]):
+        assert found["score"] == pytest.approx(score.item(), abs=1e-5)
+        assert found["box"] == pytest.approx(box.tolist(), abs=0.01)
+        assert found["label"] == merged.labels[label]
 
 
 def test_archive_with_an_onnx_file_is_not_served_yet(tmp_path):

@@ -40,7 +40,7 @@ IMAGENET = {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0
 HANDLERS = {
     "image_classifier": ("classify", IMAGENET),  # Resize(256), CenterCrop(224), ToTensor, Normalize
     "image_segmenter": ("segment", IMAGENET),  # the same transforms
-    "object_detector": ("detect", {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}),  # ToTensor only
+    "object_detector": ("detect", {}),  # ToTensor only: what the detect task feeds (0-1, any size)
 }
 
 
