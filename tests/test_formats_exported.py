@@ -23,7 +23,7 @@ from serve.app import create_app
 from serve.cli import main
 from serve.config import PreprocessSpec, ServeConfig, build_config
 from serve.errors import CheckpointError, ConfigError
-from serve.formats import EXPORTED, MAR, TORCHSCRIPT, apply_implied, detect
+from serve.formats import EXPORTED, TORCHSCRIPT, Implied, apply_implied, detect
 from serve.loader import load_model
 from serve.preprocess import build_normalizer, build_transform, decode_image
 
@@ -461,6 +461,30 @@ def test_archive_with_a_text_handler_is_refused(tmp_path, made):
     path = archive(tmp_path, "text", made["tiny_traced"], "text_classifier")
     with pytest.raises(CheckpointError, match="handler 'text_classifier', which is not one of the image tasks"):
         load_model(spec_of(model_entry(path)))
+
+
+def test_what_a_checkpoint_implies_fills_only_what_the_config_left_unset(tmp_path):
+    implied = Implied("detect", ("a", "b"), {"resize": 300, "crop": 300, "std": (0.5, 0.5, 0.5)})
+    silent = apply_implied(spec_of(model_entry(tmp_path / "m.mar")), implied)
+    assert (silent.task, silent.labels) == ("detect", ("a", "b"))
+    assert (silent.preprocess.resize, silent.preprocess.crop, silent.preprocess.std) == (300, 300, (0.5, 0.5, 0.5))
+    explicit = spec_of(model_entry(tmp_path / "m.mar", task="detect", detect={"score_threshold": 0.25},
+                                   labels=["x", "y"], preprocess={"resize": 400, "crop": 200}))
+    merged = apply_implied(explicit, implied)
+    assert merged.task_options.score_threshold == 0.25
+    assert merged.labels == ("x", "y")
+    assert (merged.preprocess.resize, merged.preprocess.crop, merged.preprocess.std) == (400, 200, (0.5, 0.5, 0.5))
+
+
+def test_the_server_applies_what_an_archive_implies(eager_mar, cat_jpeg):
+    """From a plain config: the archive's labels and TorchServe's preprocessing, no manual merge."""
+    path, _ = eager_mar
+    answer, meta = served(model_entry(path, trust_code=True, topk=4), cat_jpeg, topk=4)
+    assert (meta["input"]["resize"], meta["input"]["crop"]) == (256, 224)
+    probs = in_process(seeded_tiny_cnn(), cat_jpeg)
+    assert_same_answer(answer, probs, k=4)
+    names = ("cat", "dog", "fox", "owl")
+    assert [p["label"] for p in answer["predictions"]] == [names[i] for i in probs.topk(4).indices]
 
 
 # ---------------------------------------------------------------- inspect

@@ -106,7 +106,11 @@ def apply_implied(spec: ModelSpec, implied: Implied | None) -> ModelSpec:
             update["preprocess"] = {**spec.preprocess.model_dump(), **merged}
     if not update:
         return spec
+    data = spec.model_dump(exclude_unset=True)
+    options = data.pop("task_options", None)  # given back under the task's name, where the config had them
+    if options and update.get("task", spec.task) == spec.task:
+        data[spec.task] = options
     try:
-        return ModelSpec.model_validate({**spec.model_dump(exclude_unset=True), **update})
+        return ModelSpec.model_validate({**data, **update})
     except ValueError as exc:
         raise CheckpointError(f"model '{spec.name}': what {spec.checkpoint.name} implies is invalid: {exc}") from None

@@ -36,12 +36,19 @@ MANIFEST = "MAR-INF/MANIFEST.json"
 LABELS_FILE = "index_to_name.json"
 IMAGENET = {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
             "mode": "RGB", "interpolation": "bilinear"}
-# TorchServe's built-in image handlers: the task each one is, and the preprocessing it applies.
+# TorchServe's built-in image handlers and the preprocessing each applies; the task that stands for
+# each one says so itself (Task.torchserve_handler).
 HANDLERS = {
-    "image_classifier": ("classify", IMAGENET),  # Resize(256), CenterCrop(224), ToTensor, Normalize
-    "image_segmenter": ("segment", IMAGENET),  # the same transforms
-    "object_detector": ("detect", {}),  # ToTensor only: what the detect task feeds (0-1, any size)
+    "image_classifier": IMAGENET,  # Resize(256), CenterCrop(224), ToTensor, Normalize
+    "image_segmenter": IMAGENET,  # the same transforms
+    "object_detector": {},  # ToTensor only: what the detect task feeds (0-1, any size)
 }
+
+
+def task_for(handler: str) -> str:
+    from serve.tasks import TASKS
+
+    return next(name for name, task in TASKS.items() if task.torchserve_handler == handler)
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ def handler_task(manifest: Manifest, spec: ModelSpec) -> str:
     """
     where = f"model '{spec.name}': archive {spec.checkpoint.name}"
     if manifest.builtin is not None:
-        return HANDLERS[manifest.builtin][0]
+        return task_for(manifest.builtin)
     serialized = manifest.serialized_file or "(none)"
     how = (f"To serve its weights, take the serialized file '{serialized}' out of the archive "
            f"(unzip {spec.checkpoint.name} {serialized}) and point checkpoint: at it: a TorchScript file "
@@ -190,7 +197,7 @@ def open_model(spec: ModelSpec, device: torch.device) -> Opened:
             else:
                 opened = _open_eager(spec, archive, manifest, weights, Path(private), device)
     module, layout, skipped = opened
-    implied = Implied(task, labels, dict(HANDLERS[manifest.builtin][1]))
+    implied = Implied(task, labels, dict(HANDLERS[manifest.builtin]))
     return Opened(module, layout, implied, skipped)
 
 
@@ -289,7 +296,7 @@ def describe(path: Path) -> list[tuple[str, str]]:
     with zipfile.ZipFile(path) as archive:
         manifest = read_manifest(archive, path.name)
         if manifest.builtin is not None:
-            task, preprocess = HANDLERS[manifest.builtin]
+            task, preprocess = task_for(manifest.builtin), HANDLERS[manifest.builtin]
             handler = f"{manifest.handler} (built-in)"
             verdict = [("task", task), ("preprocess", _brief(preprocess))]
         else:
