@@ -13,7 +13,7 @@ from torch import nn
 
 from serve.config import load_config
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
-from serve.formats import describe
+from serve.formats.packaged import describe
 from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint
 from serve.registry import Registry
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, DeviceError
-from serve.formats import Implied, open_model
+from serve.formats.packaged import Implied, open_model
 
 log = logging.getLogger(__name__)
 

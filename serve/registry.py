@@ -20,7 +20,7 @@ from serve.errors import (
     ReloadFailedError,
     ServeError,
 )
-from serve.formats import apply_implied
+from serve.formats.packaged import apply_implied
 from serve.loader import load_labels, load_model
 from serve.memory import PixelBudget
 from serve.metrics import Metrics

@@ -31,7 +31,7 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
-from serve.formats import EXPORTED, Opened
+from serve.formats.packaged import EXPORTED, Opened
 from serve.formats.torchscript import refuse_architecture
 from serve.loader import _first_line
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
-from serve.formats import Implied, Opened, exported, torchscript
+from serve.formats import exported, torchscript
+from serve.formats.packaged import Implied, Opened
 from serve.loader import _first_line, build_module, find_state_dict, load_weights, read_checkpoint
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
-from serve.formats import Opened
+from serve.formats.packaged import TORCHSCRIPT, Opened
 from serve.loader import _first_line
 
 
@@ -61,8 +61,6 @@ def refuse_architecture(spec: ModelSpec, kind: str) -> None:
 
 def open_model(spec: ModelSpec, device: torch.device) -> Opened:
     """Raises: CheckpointError, ConfigError: see read and refuse_architecture."""
-    from serve.formats import TORCHSCRIPT
-
     refuse_architecture(spec, f"{TORCHSCRIPT} file")
     module = read(spec.checkpoint, device, str(spec.checkpoint))
     return Opened(module, f"TorchScript ({module.original_name})")
