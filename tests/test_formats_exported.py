@@ -23,7 +23,7 @@ from serve.app import create_app
 from serve.cli import main
 from serve.config import PreprocessSpec, ServeConfig, build_config
 from serve.errors import CheckpointError, ConfigError
-from serve.formats import EXPORTED, TORCHSCRIPT, Implied, apply_implied, detect
+from serve.formats.packaged import EXPORTED, TORCHSCRIPT, Implied, apply_implied, detect
 from serve.loader import load_model
 from serve.preprocess import build_normalizer, build_transform, decode_image
 
