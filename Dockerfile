@@ -33,7 +33,10 @@ COPY models/ models/
 
 USER serve
 EXPOSE 8000
+# With TLS on (SERVE_TLS_CERT_FILE) the probe asks over HTTPS without checking the certificate: it
+# reaches the server's own loopback, and the certificate names the service, not 127.0.0.1. Set TLS
+# through the SERVE_TLS_* variables (not models.yaml) so the probe sees it.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=2)"
+    CMD python -c "import os, ssl, urllib.request; tls = bool(os.environ.get('SERVE_TLS_CERT_FILE')); urllib.request.urlopen('%s://127.0.0.1:%s/ready' % ('https' if tls else 'http', os.environ.get('PORT', '8000')), timeout=2, context=ssl._create_unverified_context() if tls else None)"
 STOPSIGNAL SIGTERM
 CMD ["gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"]

@@ -69,6 +69,7 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
             "batch_size": g.get("batch_size"),  # a prediction's Inference.batch_size, noted by its view
             "bytes_in": request.content_length,
             "remote": request.remote_addr,
+            "key": g.get("api_key_name"),  # the API key's name (serve/auth.py), never the key
         }))
         return response
 

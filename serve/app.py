@@ -7,6 +7,7 @@ from typing import Any
 from flask import Flask
 
 from serve.access import register_request_hooks
+from serve.auth import ApiKeys, register_auth
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
 from serve.metrics import Metrics
@@ -27,6 +28,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
         config = load_config()
     elif not isinstance(config, ServeConfig):
         config = build_config(config)
+    api_keys = ApiKeys.from_settings(config.server)  # a broken keys file stops start-up before any model loads
     metrics = Metrics()
     registry = Registry.load(config, metrics=metrics)
     app = Flask(__name__, static_folder=None)  # the page blueprint serves serve/static itself
@@ -45,4 +47,5 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
         app.register_blueprint(management)
     register_error_handlers(app)
     register_request_hooks(app, metrics, registry.default_name, frozenset(registry.predictors))
+    register_auth(app, api_keys)  # after the request hooks: a refused request is logged and counted too
     return app

@@ -13,8 +13,12 @@ from torch import nn
 
 from serve.config import load_config
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
+from serve.formats.entry import suggest_entry
 from serve.formats.packaged import describe
-from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint
+from serve.formats.safe_globals import resolve_safe_globals
+from serve.formats.timm_folder import is_model_folder
+from serve.formats.training import ema_entry
+from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint, weights_path
 from serve.registry import Registry
 
 
@@ -25,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("checkpoint", type=Path)
     inspect.add_argument("--key", help="the state_dict_key to use, as in the config")
     inspect.add_argument("--trust-pickle", action="store_true", help="allow a whole-model pickle (runs its code)")
+    inspect.add_argument("--safe-global", action="append", default=[], metavar="MODULE:CLASS",
+                         help="a class the file may hold besides tensors, as the config's safe_globals")
+    inspect.add_argument("--config", action="store_true", help="print a models.yaml entry for the file instead")
     check = commands.add_parser("check", help="load and warm up every model of a config, then report")
     check.add_argument("config", nargs="?", type=Path, help="default: SERVE_CONFIG or models/models.yaml")
     predict = commands.add_parser("predict", help="print a model's answer for an image (its task's JSON)")
@@ -45,20 +52,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    path: Path = args.checkpoint
-    described = describe(path) if path.is_file() else None  # a self-contained format: none of its code runs
+    folder: Path = args.checkpoint.resolve()
+    described = describe(folder) if folder.is_file() else None  # a packaged model: none of its code runs
     if described is not None:
-        lines = [("file", f"{path} ({path.stat().st_size} bytes)"), ("sha256", file_sha256(path)), *described]
+        lines = [("file", f"{folder} ({folder.stat().st_size} bytes)"), ("sha256", file_sha256(folder)), *described]
         width = max(len(label) for label, _ in lines) + 2
         for label, text in lines:
             print(f"{label}:".ljust(width) + text)
         return 0
+    path = weights_path(folder)
     fmt = (
         "safetensors" if path.suffix == ".safetensors"
         else "zip (torch.save, PyTorch >= 1.6)" if zipfile.is_zipfile(path)
         else "legacy (torch.save before 1.6, or _use_new_zipfile_serialization=False)"
     )
-    obj = read_checkpoint(path, "cpu", trust_pickle=args.trust_pickle)
+    allowed = resolve_safe_globals(args.safe_global, "inspect")
+    obj = read_checkpoint(path, "cpu", trust_pickle=args.trust_pickle, allowed=allowed)
+    if args.config:
+        print("\n".join(suggest_entry(folder, obj, find_state_dict, tuple(args.safe_global))))
+        return 0
+    if is_model_folder(folder):
+        print(f"folder:  {folder} (timm / Hugging Face model folder: config.json + {path.name})")
     print(f"file:    {path} ({path.stat().st_size} bytes)")
     print(f"sha256:  {file_sha256(path)}")
     print(f"format:  {fmt}")
@@ -74,6 +88,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 _print_tensors(value)
         return 0
     print(f"layout:  {layout}")
+    if isinstance(obj, Mapping) and (ema := ema_entry(obj, is_state_dict)) and args.key is None:
+        print(f"ema:     '{ema}' holds EMA weights (weights: ema serves them; --key {ema} lists them)")
     if isinstance(weights, nn.Module):
         weights = weights.state_dict()
     print()

@@ -13,12 +13,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from serve.errors import ConfigError
+from serve.formats.timm_folder import folder_fields, is_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
@@ -39,7 +41,14 @@ class PreprocessSpec(_Frozen):
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     mode: Literal["RGB", "L"] = "RGB"
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] = "bilinear"
+    # How a timm eval transform crops (timm folders set these; see serve/formats/timm_folder.py).
+    crop_mode: Literal["center", "squash", "border"] = Field(
+        "center", description="center: shorter side to resize, centre crop; squash: both sides to resize; "
+        "border: longer side to resize, padded with the mean colour")
+    exact: bool = Field(
+        False, description="the same pixels as torchvision's Resize + CenterCrop (timm's eval transform): "
+        "no reduced-scale JPEG decoding, one resampling pass; slower on large photos")
 
     @property
     def channels(self) -> int:
@@ -78,6 +87,14 @@ class ModelSpec(_Frozen):
     max_delay_ms: float = Field(0.0, ge=0, description="longest a batch waits for more images; 0 = take what is queued")
     half: bool = Field(False, description="float16 weights and inputs on a GPU (ignored on the CPU)")
     channels_last: bool = Field(False, description="NHWC memory format for weights and inputs")
+    # Checkpoint formats (serve/formats/): which weights of a training checkpoint, what may be unpickled.
+    weights: Literal["default", "ema"] = Field(
+        "default", description="ema: the checkpoint's EMA weights (timm's state_dict_ema, model_ema, ...)")
+    strip_prefix: str | None = Field(
+        None, pattern=r"^[^.].*\.$", description="serve the keys under this prefix (ending in '.'), without it")
+    safe_globals: tuple[str, ...] = Field(
+        (), description="'package.module:Class' objects the checkpoint may hold besides tensors (unpickling "
+        "them must run no code)")
     # What goes in and what comes out (serve/tasks): the task's own fields sit under its name, e.g.
     # `task: embed` with `embed: {node: avgpool}`; task_options holds them, validated by the task.
     task: str = Field("classify", description="classify, detect, segment or embed")
@@ -108,6 +125,15 @@ class ModelSpec(_Frozen):
                 for e in exc.errors())) from None
         return data
 
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.weights == "ema" and self.state_dict_key is not None:
+            raise ValueError("weights: ema and state_dict_key both choose the weights; set one")
+        for name in self.safe_globals:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
+                raise ValueError(f"safe_globals entry '{name}' is not 'package.module:Class'")
+        return self
+
 
 class ServerSettings(_Frozen):
     """Limits and process settings shared by every model."""
@@ -128,6 +154,22 @@ class ServerSettings(_Frozen):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="the server's own logs; access lines are always JSON")
     enable_management: bool = Field(False, description="serve POST /models/<name>/reload")
+    api_keys_file: Path | None = Field(None, description="API keys and their scopes (serve/auth.py), re-read when the file changes")
+    api_keys: SecretStr | None = Field(None, description="the same document as text (SERVE_API_KEYS), fixed until restart")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: the server speaks HTTPS only")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle: every client must present a certificate it signed")
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file (client certificates) needs tls_cert_file and tls_key_file")
+        if self.api_keys_file is not None and self.api_keys is not None:
+            raise ValueError("set api_keys_file (SERVE_API_KEYS_FILE) or api_keys (SERVE_API_KEYS), not both")
+        return self
 
 
 class ServeConfig(_Frozen):
@@ -171,7 +213,18 @@ SERVER_ENV = {
     "SERVE_LOG_LEVEL": "log_level",
     "SERVE_LOG_FORMAT": "log_format",
     "SERVE_ENABLE_MANAGEMENT": "enable_management",
+    "SERVE_API_KEYS_FILE": "api_keys_file",
+    "SERVE_API_KEYS": "api_keys",
+    "SERVE_TLS_CERT_FILE": "tls_cert_file",
+    "SERVE_TLS_KEY_FILE": "tls_key_file",
+    "SERVE_TLS_CA_FILE": "tls_ca_file",
+    "SERVE_TLS_MIN_VERSION": "tls_min_version",
 }
+# Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
+# are), relative to the working directory when the environment does.
+SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file")
+# Never echoed in an error message: the value may hold keys.
+SECRET_FIELDS = ("api_keys",)
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -218,6 +271,9 @@ def build_config(
     if isinstance(raw_models, list):
         data["models"] = [_resolve_model(m, i, base, env) for i, m in enumerate(raw_models)]
     server = dict(data.get("server") or {})
+    for field in SERVER_PATH_FIELDS:
+        if isinstance(server.get(field), str):
+            server[field] = (base / Path(server[field]).expanduser()).resolve()
     server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
     data["server"] = server
     data["source"] = source
@@ -236,9 +292,25 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> 
         model["device"] = env["SERVE_DEVICE"]
     if isinstance(model.get("checkpoint"), str):
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
+        if is_model_folder(model["checkpoint"]):
+            model = _with_folder_fields(model, name)
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
         model["labels"] = _resolve_path(labels, base, name, "labels")
+    return model
+
+
+def _with_folder_fields(model: dict, name: str) -> dict:
+    """A timm model folder answers what the entry leaves out: architecture (and with it kwargs), labels,
+    and each preprocess field."""
+    found = folder_fields(model["checkpoint"], name)
+    if "architecture" not in model:
+        model["architecture"] = found["architecture"]
+        model["kwargs"] = {**found["kwargs"], **(model.get("kwargs") or {})}
+    if "labels" not in model and "labels" in found:
+        model["labels"] = found["labels"]
+    given = model.get("preprocess")
+    model["preprocess"] = {**found["preprocess"], **given} if isinstance(given, dict) else given or found["preprocess"]
     return model
 
 
@@ -274,6 +346,14 @@ def _describe(exc: ValidationError, raw_models: Any) -> str:
         if not field and err["type"] == "value_error":  # a whole-entry check: its message says it all
             lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
             continue
-        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.80})"
+        given = err.get("input")
+        secret = any(str(p) in SECRET_FIELDS for p in loc) or _holds_secret(given)
+        got = "" if err["type"] == "missing" or secret else f" (got {given!r:.80})"
         lines.append(f"{where}: field '{field or '-'}': {err['msg']}{got}")
     return "invalid config: " + "; ".join(dict.fromkeys(lines))
+
+
+def _holds_secret(value: Any) -> bool:
+    """Whether an input (a whole section, for a model-level error) carries a secret field."""
+    return isinstance(value, Mapping) and any(
+        key in SECRET_FIELDS or _holds_secret(inner) for key, inner in value.items())

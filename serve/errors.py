@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
@@ -14,6 +16,7 @@ class ServeError(Exception):
 
     status = 500
     code = "internal_error"
+    headers: Mapping[str, str] = MappingProxyType({})  # sent with the error answer, whatever its shape
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -73,6 +76,24 @@ class ModelNotFoundError(ServeError):
     code = "model_not_found"
 
 
+class UnauthorizedError(ServeError):
+    """No API key, or one the server doesn't know; the answer carries a WWW-Authenticate challenge."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, challenge: str):
+        super().__init__(message)
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class ForbiddenError(UnauthorizedError):
+    """A valid API key without the scope the route needs."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotReadyError(ServeError):
     status = 503
     code = "not_ready"
@@ -108,8 +129,10 @@ def http_error_code(exc: HTTPException) -> str:
 
 def finish_serve_error(exc: ServeError, response: Response) -> Response:
     """What every ServeError answer shares, whatever its body's shape: its code noted, a log line for
-    real server faults, Retry-After on 503s (overload, timeouts, not ready)."""
+    real server faults, the error's own headers (WWW-Authenticate), Retry-After on 503s (overload,
+    timeouts, not ready)."""
     note_error_code(exc.code)
+    response.headers.update(exc.headers)
     if exc.status >= 500 and exc.status != 503:
         log.error("%s: %s", exc.code, exc.message)
     if exc.status == 503:

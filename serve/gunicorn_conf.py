@@ -19,10 +19,12 @@ import torch
 from gunicorn import glogging
 
 from serve import wire
+from serve.auth import exposure_warning
 from serve.config import load_config
 from serve.cores import available_cores
 from serve.errors import ConfigError
 from serve.memory import limit_arenas
+from serve.tls import TlsContext
 
 try:
     _config = load_config()
@@ -40,6 +42,17 @@ keepalive = 5
 control_socket_disable = True
 # Heartbeat files in memory: works on a read-only root filesystem and never blocks on a slow disk.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# HTTPS only when a certificate is configured (serve/tls.py): TLS 1.2 or newer (tls_min_version),
+# client certificates required when tls_ca_file is set, renewed files picked up without a restart.
+if _server.tls_cert_file is not None:
+    try:
+        _tls = TlsContext(_server)
+    except ConfigError as exc:
+        sys.exit(f"serve: {exc.message}")
+    certfile, keyfile = str(_server.tls_cert_file), str(_server.tls_key_file)
+
+    def ssl_context(conf, default_ssl_context_factory):
+        return _tls.current()
 loglevel = _server.log_level
 errorlog = "-"
 accesslog = None  # the app writes one JSON line per request (logger serve.access) instead
@@ -120,6 +133,13 @@ def post_fork(server, worker):
         torch.set_num_threads(torch_threads)
     threads_note = torch_threads or f"up to {cpus} (shared)"
     server.log.info("worker %s: torch threads %s, preload=%s", worker.pid, threads_note, preload_app)
+
+
+def when_ready(server):
+    hosts = [address[0] for address in server.cfg.address if isinstance(address, tuple)]
+    warning = exposure_warning(_server, hosts)
+    if warning:
+        server.log.warning(warning)
 
 
 def child_exit(server, worker):

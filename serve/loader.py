@@ -7,7 +7,7 @@ import logging
 import pickle
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, DeviceError
+from serve.formats import safe_globals, training
 from serve.formats.packaged import Implied, open_model
+from serve.formats.timm_folder import TIMM_SCHEME, is_model_folder, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ def build_module(architecture: str, kwargs: Mapping[str, Any], model: str = "?")
         ConfigError: the name does not resolve or its call fails.
     """
     where = f"model '{model}': field 'architecture'"
+    if architecture.startswith(TIMM_SCHEME):
+        return _build_timm(architecture[len(TIMM_SCHEME):], kwargs, where)
     if ":" in architecture:
         module_name, _, attr_path = architecture.partition(":")
         try:
@@ -97,6 +101,20 @@ def build_module(architecture: str, kwargs: Mapping[str, Any], model: str = "?")
     return module
 
 
+def _build_timm(name: str, kwargs: Mapping[str, Any], where: str) -> nn.Module:
+    """timm.create_model(name, pretrained=False, **kwargs): the weights come from the checkpoint, never a hub."""
+    import timm
+
+    if kwargs.get("pretrained"):
+        raise ConfigError(f"{where}: kwargs pretrained: true would download weights; they come from 'checkpoint'")
+    if not timm.is_model(name):
+        raise ConfigError(f"{where}: timm has no model '{name}' (timm {timm.__version__}; see timm.list_models())")
+    try:
+        return timm.create_model(name, **{**kwargs, "pretrained": False})
+    except Exception as exc:  # timm's constructor: any failure is a config problem
+        raise ConfigError(f"{where}: timm.create_model('{name}', **{dict(kwargs)}) failed: {exc}") from None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,43 +123,83 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu", trust_pickle: bool = False) -> Any:
-    """Deserialize a .pth/.pt/.safetensors file onto `device` without running pickled code.
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", trust_pickle: bool = False,
+                    allowed: Sequence[type] = ()) -> Any:
+    """Deserialize a .pth/.pt/.ckpt/.safetensors file (or a model folder's weights file) onto `device`
+    without running pickled code.
 
-    Zip-format torch files are memory-mapped; legacy (pre-1.6) files are read whole. A file holding
-    arbitrary Python objects (a whole-model pickle) is only unpickled when trust_pickle is set.
+    Zip-format torch files are memory-mapped; legacy (pre-1.6) files are read whole. Besides tensors,
+    only the harmless objects of serve/formats/safe_globals.py and the classes in `allowed` are
+    unpickled; anything else (a whole-model pickle) only when trust_pickle is set.
 
     Raises:
         CheckpointError: missing, empty, truncated, corrupt or untrusted file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = weights_path(Path(path))
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         return _read_safetensors(path, device)
     mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        with safe_globals.allowed(allowed):
+            return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if not _is_pickled_code(exc, path):
+        refusal = _refusal(exc, path)
+        if refusal is None:
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_first_line(exc)}") from None
         if not trust_pickle:
-            raise CheckpointError(
-                f"checkpoint {path} holds pickled Python objects (e.g. a whole model saved with "
-                f"torch.save(model), or a file written by pickle.dump), which can run arbitrary code "
-                f"when loaded; refused. Save "
-                f"model.state_dict() instead, or set trust_pickle: true for this model if you trust "
-                f"the file ({_first_line(exc)})"
-            ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(refusal) from None
+    except Exception as exc:  # untrusted bytes: any failure to parse them means the file can't be used
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_first_line(exc)}") from None
     log.warning("unpickling %s with weights_only=False because trust_pickle is set: it can run code", path)
     try:
         return torch.load(path, map_location=device, weights_only=False, mmap=mmap)
     except Exception as exc:  # arbitrary unpickling: any failure means the file can't be used
         raise CheckpointError(f"checkpoint {path} could not be unpickled: {_first_line(exc)}") from None
+
+
+def weights_path(path: Path) -> Path:
+    """The file to read: the path itself, or a model folder's weights file.
+
+    Raises:
+        CheckpointError: nothing there, or a folder without config.json and weights.
+    """
+    if is_model_folder(path):
+        return weights_file(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder without config.json (not a timm / Hugging Face model folder)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _refusal(exc: pickle.UnpicklingError, path: Path) -> str | None:
+    """Why torch's weights_only unpickler refused the file, as the message to show; None if the file
+    is just damaged."""
+    text = str(exc)
+    name = safe_globals.refused_global(text)
+    if name is not None:
+        allow = "" if name.split(".")[0] in safe_globals.BLOCKED_MODULES else (
+            f" If '{name}' is plain data whose unpickling runs no code, add "
+            f"'{safe_globals.as_config_name(name)}' to this model's safe_globals.")
+        return (
+            f"checkpoint {path} holds pickled Python objects ('{name}'), which can run arbitrary code when "
+            f"loaded; refused{training.lightning_hint(path)}.{allow} A whole model saved with "
+            f"torch.save(model): save model.state_dict() instead, or set trust_pickle: true for this model "
+            f"if you trust the file"
+        )
+    if "not unpickled" in text or "does not match its" in text:
+        reason = next(line for line in text.splitlines() if "not unpickled" in line or "does not match its" in line)
+        return f"checkpoint {path} holds numpy data this server does not unpickle: {reason.strip()}"
+    if _is_pickled_code(exc, path):
+        return (
+            f"checkpoint {path} holds pickled Python objects (e.g. a whole model saved with "
+            f"torch.save(model), or a file written by pickle.dump), which can run arbitrary code "
+            f"when loaded; refused. Save model.state_dict() instead, or set trust_pickle: true for "
+            f"this model if you trust the file ({_first_line(exc)})"
+        )
+    return None
 
 
 def _read_safetensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -177,12 +235,20 @@ def is_state_dict(obj: Any) -> bool:
     )
 
 
-def find_state_dict(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor] | nn.Module, str]:
+def find_state_dict(obj: Any, key: str | None = None,
+                    weights: str = "default") -> tuple[Mapping[str, torch.Tensor] | nn.Module, str]:
     """Locate the model weights inside whatever a checkpoint file holds; return them and a layout note.
 
+    weights="ema" takes a training checkpoint's EMA weights (serve/formats/training.py).
+
     Raises:
-        CheckpointError: the key is absent, nothing looks like weights, or several candidates exist.
+        CheckpointError: the key is absent, nothing looks like weights, several candidates exist, or
+            EMA weights were asked for and there are none.
     """
+    if weights == "ema" and isinstance(obj, Mapping):
+        return training.select_ema(obj, is_state_dict)
+    if weights == "ema":
+        raise CheckpointError(f"weights: ema, but the checkpoint holds a {type(obj).__name__}, not a training checkpoint")
     if isinstance(obj, nn.Module):
         while isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             obj = obj.module
@@ -203,7 +269,9 @@ def find_state_dict(obj: Any, key: str | None = None) -> tuple[Mapping[str, torc
     candidates = [k for k, v in obj.items() if is_state_dict(v)]
     common = [k for k in COMMON_KEYS if k in candidates]
     if len(common) == 1 or (common and len(candidates) == 1):
-        return obj[common[0]], f"dict entry '{common[0]}'"
+        ema = training.ema_entry(obj, is_state_dict)
+        also = f" (EMA weights in '{ema}' too: weights: ema serves them)" if ema else ""
+        return obj[common[0]], f"dict entry '{common[0]}'{also}"
     if len(candidates) == 1:
         return obj[candidates[0]], f"dict entry '{candidates[0]}'"
     if not candidates:
@@ -236,14 +304,29 @@ def _summarize(title: str, items: list[str]) -> str:
     return f"{len(items)} {title}: {', '.join(items[:SHOWN])}{more}"
 
 
-def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> tuple[str, ...]:
-    """Copy weights into module; return the checkpoint keys skipped (only when not strict).
+def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool,
+                 prefix: str | None = None) -> tuple[tuple[str, ...], str]:
+    """Copy weights into module; return the checkpoint keys skipped (only when not strict) and a note on
+    the key prefix removed, if any.
+
+    With `prefix`, only the keys under it are loaded, without it. Otherwise a dotted prefix every key
+    shares is removed when that makes the keys exactly the module's (a Lightning `model.`), and
+    wrapper prefixes ('module.', '_orig_mod.') when every key has one.
 
     Raises:
         CheckpointError: strict and the keys or shapes differ; names the first few of each.
     """
     own = module.state_dict()
-    state_dict = strip_wrapper_prefixes(state_dict, own.keys())
+    note = ""
+    if prefix is not None:
+        state_dict, others = training.strip_prefix(state_dict, prefix)
+        note = f", prefix '{prefix}' stripped" + (f" ({others} other keys ignored)" if others else "")
+    elif (found := training.fit_prefix(list(state_dict), own.keys())) is not None:
+        state_dict = {k[len(found):]: v for k, v in state_dict.items()}
+        note = f", prefix '{found}' stripped"
+        log.info("every checkpoint key starts with '%s' and the rest fit the architecture: stripped it", found)
+    else:
+        state_dict = strip_wrapper_prefixes(state_dict, own.keys())
     mismatched = [
         f"{k} (checkpoint {list(v.shape)}, model {list(own[k].shape)})"
         for k, v in state_dict.items()
@@ -261,11 +344,12 @@ def load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], stri
         if items
     ]
     if strict and problems:
-        raise CheckpointError("checkpoint does not fit the architecture: " + "; ".join(problems))
+        hint = training.prefix_hint(list(state_dict), own.keys()) if prefix is None else ""
+        raise CheckpointError("checkpoint does not fit the architecture: " + "; ".join(problems) + hint)
     if problems:
         log.warning("non-strict load skipped: %s", "; ".join(problems))
     skipped = list(result.unexpected_keys) + [m.split(" ")[0] for m in mismatched]
-    return tuple(skipped)
+    return tuple(skipped), note
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -277,19 +361,19 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     started = time.perf_counter()
     try:
         device = resolve_device(spec.device)
-        digest = file_sha256(spec.checkpoint) if spec.checkpoint.is_file() else ""
+        path = weights_path(spec.checkpoint)
+        digest = file_sha256(path)
         if spec.sha256 and digest != spec.sha256.lower():
-            raise CheckpointError(
-                f"checkpoint {spec.checkpoint} sha256 is {digest or 'unreadable'}, config expects {spec.sha256}"
-            )
-        # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats).
+            raise CheckpointError(f"checkpoint {path} sha256 is {digest}, config expects {spec.sha256}")
+        # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats/packaged.py).
         opened = open_model(spec, device)
         implied = opened.implied if opened is not None else None
         if opened is not None:
             module, layout, skipped = opened.module, opened.layout, opened.skipped_keys
         else:
-            obj = read_checkpoint(spec.checkpoint, device, trust_pickle=spec.trust_pickle)
-            weights, layout = find_state_dict(obj, spec.state_dict_key)
+            allowed = safe_globals.resolve_safe_globals(spec.safe_globals, spec.name)
+            obj = read_checkpoint(path, device, trust_pickle=spec.trust_pickle, allowed=allowed)
+            weights, layout = find_state_dict(obj, spec.state_dict_key, spec.weights)
             skipped: tuple[str, ...] = ()
             if isinstance(weights, nn.Module) and spec.architecture is None:
                 module = weights
@@ -303,7 +387,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                 module = build_module(spec.architecture, spec.kwargs, spec.name)
                 if isinstance(weights, nn.Module):
                     weights = weights.state_dict()
-                skipped = load_weights(module, weights, spec.strict)
+                skipped, note = load_weights(module, weights, spec.strict, spec.strip_prefix)
+                layout += note
             del obj, weights
         module = module.to(device).eval()
         if spec.half and device.type == "cuda":

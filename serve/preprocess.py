@@ -12,7 +12,14 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
 
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+# An exact transform resizes the whole image, then crops; past this many times the crop's area (a
+# sliver about 56 times longer than wide at crop_pct 0.875: 10 MB at 224 px), it resamples only the
+# cropped region, as the fast path does (within one level of the exact pixels).
+EXACT_MAX_AREA = 64
 # Modes with more than 8 bits a sample: Pillow's convert("RGB") clips them instead of scaling.
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -111,31 +118,81 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
 
 
 def build_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
-    """Return a function image -> uint8 tensor [C, crop, crop]: resize the shorter side, centre crop.
+    """Return a function image -> uint8 tensor [C, crop, crop]: resize, then centre crop (crop_mode).
+
+    Sizes and crop offsets are torchvision's (Resize truncates the longer side, CenterCrop rounds the
+    offset). By default only the region that lands in the crop is resampled, with Pillow's
+    reducing_gap; with `exact` (or a squash/border crop_mode) the whole image is resized in one
+    pass and then cropped: the same pixels as torchvision's Resize + CenterCrop, as timm evaluates.
 
     It does no float math, so request threads never start torch thread pools; normalize() runs on
     whole batches in the inference thread (and on the GPU, where the model is).
     """
     resample = RESAMPLE[spec.interpolation]
     channels = spec.channels
+    exact = spec.exact or spec.crop_mode != "center"
+    fill = tuple(round(255 * m) for m in spec.mean) if spec.crop_mode == "border" else (0,) * channels
 
     def transform(image: Image.Image) -> torch.Tensor:
-        width, height = image.size
-        scale = spec.resize / min(width, height)
-        size = (max(spec.crop, round(width * scale)), max(spec.crop, round(height * scale)))
-        left, top = (size[0] - spec.crop) // 2, (size[1] - spec.crop) // 2
-        if size == image.size:
-            image = image.crop((left, top, left + spec.crop, top + spec.crop))
+        size = resized_size(spec, *image.size)
+        if exact and size[0] * size[1] <= EXACT_MAX_AREA * spec.crop * spec.crop:
+            image = image if size == image.size else image.resize(size, resample)
+            image = _crop_or_pad(image, spec.crop, fill[0] if channels == 1 else fill)
         else:
-            # Resample only the source region that lands in the crop, straight to the crop size: the
-            # same pixels as resize-then-crop, without building a 5,120,000 x 256 image for a 20000 x 1 one.
-            sx, sy = width / size[0], height / size[1]
-            box = (left * sx, top * sy, (left + spec.crop) * sx, (top + spec.crop) * sy)
-            image = image.resize((spec.crop, spec.crop), resample, box=box, reducing_gap=3.0)
+            image = _resize_crop_region(image, size, spec.crop, resample, reducing_gap=None if exact else 3.0)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return pixels.view(spec.crop, spec.crop, channels).permute(2, 0, 1)
 
     return transform
+
+
+def resized_size(spec: PreprocessSpec, width: int, height: int) -> tuple[int, int]:
+    """The size the whole image is resized to before the crop, as torchvision / timm compute it."""
+    if spec.crop_mode == "squash":
+        return spec.resize, spec.resize
+    if spec.crop_mode == "border":  # timm's ResizeKeepRatio(longest=1): the longer side to resize
+        ratio = max(height / spec.resize, width / spec.resize)
+        return round(width / ratio), round(height / ratio)
+    short, long = min(width, height), max(width, height)
+    new_long = int(spec.resize * long / short)  # torchvision's Resize(int) truncates
+    return (spec.resize, new_long) if width <= height else (new_long, spec.resize)
+
+
+def _offset(size: int, crop: int) -> int:
+    return int(round((size - crop) / 2.0))  # torchvision's CenterCrop
+
+
+def _crop_or_pad(image: Image.Image, crop: int, fill) -> Image.Image:
+    """torchvision's CenterCrop (timm's CenterCropOrPad): pad a side shorter than the crop with `fill`,
+    then cut the centred crop."""
+    width, height = image.size
+    if width < crop or height < crop:
+        padded = Image.new(image.mode, (max(width, crop), max(height, crop)), fill)
+        padded.paste(image, ((crop - width) // 2 if width < crop else 0, (crop - height) // 2 if height < crop else 0))
+        image, (width, height) = padded, padded.size
+    if (width, height) == (crop, crop):
+        return image
+    left, top = _offset(width, crop), _offset(height, crop)
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def _resize_crop_region(image: Image.Image, size: tuple[int, int], crop: int, resample, reducing_gap) -> Image.Image:
+    """Resample only the source region that lands in the crop, straight to the crop size: nearly the
+    same pixels as resize-then-crop (within one level), without building a 5,120,000 x 256 image for
+    a 20000 x 1 one."""
+    width, height = image.size
+    left, top = _offset(size[0], crop), _offset(size[1], crop)
+    if size == image.size:
+        return image.crop((left, top, left + crop, top + crop))
+    sx, sy = width / size[0], height / size[1]
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return image.resize((crop, crop), resample, box=box, reducing_gap=reducing_gap)
+
+
+def draft_side(spec: PreprocessSpec) -> int | None:
+    """The shorter side a JPEG may be decoded down to (open_image's min_side); None for an exact
+    transform, which needs every decoded pixel."""
+    return None if spec.exact or spec.crop_mode != "center" else spec.resize
 
 
 def build_normalizer(spec: PreprocessSpec, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:

@@ -62,12 +62,14 @@ def without_server_settings(env: dict[str, str]) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], log: Path, inherit_settings: bool = True):
+    def __init__(self, env: dict[str, str], log: Path, inherit_settings: bool = True, tls: dict | None = None):
         """gunicorn with `env` over this process's environment; without inherit_settings, over it
-        less the caller's own server settings (the default config, whatever the shell has set)."""
+        less the caller's own server settings (the default config, whatever the shell has set).
+        With `tls` (requests' options: verify, cert) the server speaks HTTPS and is polled with them."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{self.port}"
         self.log = log
+        self.tls = tls or {}
         base = os.environ if inherit_settings else without_server_settings(os.environ)
         full_env = {**base, "PORT": str(self.port), "SERVE_HOST": "127.0.0.1", **env}
         self.proc = subprocess.Popen(
@@ -78,7 +80,7 @@ class Server:
 
     def _wait_ready(self) -> float:
         try:
-            return wait_ready(self.url, self.proc, self.log, self.started)
+            return wait_ready(self.url, self.proc, self.log, self.started, **self.tls)
         except RuntimeError:
             self.stop()
             raise
@@ -95,8 +97,9 @@ class Server:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, started: float, limit_s: float = START_TIMEOUT_S,
-               name: str = "gunicorn") -> float:
-    """Poll url/ready until it answers 200; return seconds since `started`.
+               name: str = "gunicorn", **request_options) -> float:
+    """Poll url/ready (with requests' `request_options`: verify, cert) until it answers 200; return
+    seconds since `started`.
 
     Raises RuntimeError (with the log's tail) if the process exits or limit_s passes first.
     """
@@ -105,7 +108,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, started: float, limi
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
+            if requests.get(f"{url}/ready", timeout=2, **request_options).status_code == 200:
                 return time.monotonic() - started
         except requests.RequestException:
             pass

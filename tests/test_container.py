@@ -25,6 +25,10 @@ import container
 from servers import ROOT, free_port, without_server_settings
 
 CATS = {"tiger cat", "Egyptian cat", "tabby"}
+# The Secret the manifests mount (torch-serve-api-keys): one key file, a key made for these tests.
+API_KEY = "container-test-key-00000001"
+API_KEY_HEADERS = {"X-API-Key": API_KEY}
+SECRETS = {"torch-serve-api-keys": {"api-keys.yaml": yaml.safe_dump({"test": {"key": API_KEY, "scopes": ["inference"]}})}}
 LABEL = "serve-test=1"
 COMPOSE_PROJECT = "servetest"
 GRACE_S = 40  # docker-compose.yml's stop_grace_period
@@ -173,6 +177,26 @@ def test_compose_renders_both_profiles():
                                                                        "driver": "nvidia"}]
 
 
+def test_compose_keys_override_renders(tmp_path):
+    """docker-compose.keys.yml over docker-compose.yml: the keys file becomes a secret the server reads."""
+    if shutil.which("docker-compose") is None:
+        unavailable("needs docker-compose")
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text(SECRETS["torch-serve-api-keys"]["api-keys.yaml"])
+    done = subprocess.run(["docker-compose", "--profile", "gpu", "--file", str(ROOT / "docker-compose.yml"),
+                           "--file", str(ROOT / "docker-compose.keys.yml"), "config"],
+                          check=False, cwd=ROOT, env=compose_env(os.environ, SERVE_API_KEYS_HOST_FILE=str(keys)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rendered = yaml.safe_load(done.stdout)
+    assert rendered["secrets"]["api_keys"]["file"] == str(keys)
+    for name in ("serve", "serve-gpu"):
+        service = rendered["services"][name]
+        assert service["environment"]["SERVE_API_KEYS_FILE"] == "/run/secrets/api_keys"
+        assert service["environment"]["SERVE_DEVICE"] in ("cpu", "cuda")  # merged with the base file's
+        assert [s if isinstance(s, str) else s["source"] for s in service["secrets"]] == ["api_keys"]
+
+
 def test_users_own_checkpoint_from_the_volume_answers_a_cat(served, cat_jpeg):
     assert [m["name"] for m in requests.get(f"{served.url}/models", timeout=5).json()["models"]] == ["pets"]
     answer = requests.post(f"{served.url}/predictions/pets", data=cat_jpeg,
@@ -272,6 +296,13 @@ def pod_spec_as_docker_run(pod: dict, configmap: dict, workdir: Path, port: int)
                 (folder / key).write_text(text)
                 (folder / key).chmod(0o644)
             flags += ["--volume", f"{folder}:{mount['mountPath']}:ro"]
+        elif "secret" in volume:
+            folder = workdir / mount["name"]
+            folder.mkdir(mode=0o755)
+            for key, text in SECRETS[volume["secret"]["secretName"]].items():
+                (folder / key).write_text(text)
+                (folder / key).chmod(0o644)  # a Secret volume's default mode
+            flags += ["--volume", f"{folder}:{mount['mountPath']}:ro"]
         else:
             assert volume["emptyDir"]["medium"] == "Memory"
             size = volume["emptyDir"]["sizeLimit"].replace("Mi", "m")
@@ -308,8 +339,10 @@ def test_the_kubernetes_pod_spec_runs_on_the_image(docker, tmp_path, cat_jpeg):
     pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
     with running_pod(docker, pod, tmp_path, "pod") as (run, spec):
         print(f"\npod spec: /ready 200 after {run.ready_s:.1f} s")
+        assert requests.post(f"{run.url}/predictions/efficientnet_lite0", data=cat_jpeg,
+                             headers={"Content-Type": "image/jpeg"}, timeout=30).status_code == 401
         answer = requests.post(f"{run.url}/predictions/efficientnet_lite0", data=cat_jpeg,
-                               headers={"Content-Type": "image/jpeg"}, timeout=30).json()
+                               headers={"Content-Type": "image/jpeg", **API_KEY_HEADERS}, timeout=30).json()
         assert answer["predictions"][0]["label"] in CATS
         env = {item["name"]: item["value"] for item in spec["env"]}
         processes = docker.cli("top", run.name, "-o", "pid,user,args").stdout.splitlines()[1:]
@@ -339,11 +372,12 @@ def test_the_kserve_predictor_spec_answers_tritonclient_on_the_image(docker, tmp
     with running_pod(docker, isvc["spec"]["predictor"], tmp_path, "kserve") as (run, _):
         client = triton.InferenceServerClient(f"127.0.0.1:{run.port}")
         assert client.is_server_live() and client.is_server_ready()
-        assert client.is_model_ready("efficientnet_lite0")
+        assert client.is_model_ready("efficientnet_lite0", headers=API_KEY_HEADERS)
         image = triton.InferInput("image", [1], "BYTES")
         image.set_data_from_numpy(np.array([cat_jpeg], dtype=object), binary_data=True)
         top = triton.InferRequestedOutput("probabilities", binary_data=False, class_count=1)
-        answer = client.infer("efficientnet_lite0", [image], outputs=[top]).as_numpy("probabilities")
+        answer = client.infer("efficientnet_lite0", [image], outputs=[top],
+                              headers={"Authorization": f"Bearer {API_KEY}"}).as_numpy("probabilities")
         score, _, label = answer[0][0].split(":", 2)  # JSON output: "score:index:label" strings
         assert label in CATS and float(score) > 0.3
         # The root is read-only: the metrics directory went to TMPDIR, the emptyDir at /var/tmp.

@@ -251,6 +251,17 @@ def test_probe_and_metrics_paths_are_routes_that_answer_200(app, client):
         assert client.get(path).status_code == 200, path
 
 
+def test_probes_need_no_api_key_and_metrics_do(make_app, tmp_path):
+    keys = tmp_path / "api-keys.yaml"
+    keys.write_text(yaml.safe_dump({"prometheus": {"key": "prometheus-scrape-key-0001", "scopes": ["metrics"]}}))
+    client = make_app(api_keys_file=str(keys)).test_client()
+    for path in sorted(probe_paths()):
+        assert client.get(path).status_code == 200, path
+    metrics = CPU_DEPLOYMENT["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]
+    assert client.get(metrics).status_code == 401
+    assert client.get(metrics, headers={"Authorization": "Bearer prometheus-scrape-key-0001"}).status_code == 200
+
+
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_probes(name):
     _, container = WORKLOADS[name]
@@ -317,6 +328,19 @@ def test_configmap_mounted_where_serve_config_points(name):
     assert mount.get("readOnly") is True
     assert volumes[mount["name"]]["configMap"]["name"] == CONFIGMAP["metadata"]["name"]
     assert config_file.name in CONFIGMAP["data"]
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_api_keys_come_from_a_secret_mounted_where_the_server_reads_them(name):
+    pod, container = WORKLOADS[name]
+    keys_file = PurePosixPath(env_of(container)["SERVE_API_KEYS_FILE"])
+    assert str(server_config(container).server.api_keys_file) == str(keys_file)
+    assert "SERVE_API_KEYS" not in env_of(container)  # a file, so keys rotate without a restart
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = {m["mountPath"]: m for m in container["volumeMounts"]}[str(keys_file.parent)]
+    assert mount.get("readOnly") is True and "subPath" not in mount  # a subPath mount never sees updates
+    secret = volumes[mount["name"]]["secret"]
+    assert secret == {"secretName": "torch-serve-api-keys"}  # required (no pod without keys), every key a file
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

@@ -240,3 +240,53 @@ def test_phone_width_and_topk_in_chromium(browser, live_server, cat_file, tmp_pa
         screenshot(browser, tmp_path, "page-mobile.png")
     finally:
         browser.set_window_size(1280, 1000)
+
+
+# ---- with API keys on: the page asks for one -----------------------------------------------------
+
+PAGE_KEY = "page-test-key-000000000001"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """The tiny model under a real gunicorn that wants an API key (scope inference)."""
+    import torch
+    import yaml
+    from conftest import tiny_model_config, tiny_net, write_config
+
+    folder = tmp_path_factory.mktemp("page-keys")
+    torch.save(tiny_net().state_dict(), folder / "tiny.pth")
+    (folder / "keys.yaml").write_text(yaml.safe_dump({"page": {"key": PAGE_KEY, "scopes": ["inference"]}}))
+    config = write_config(folder, [tiny_model_config(folder / "tiny.pth")])
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "1", "SERVE_API_KEYS_FILE": str(folder / "keys.yaml")},
+                    folder / "gunicorn.log")
+    yield server.url + "/"
+    assert server.stop() == 0
+
+
+def test_the_page_asks_for_an_api_key_on_401(browser, keyed_server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def enter_key(key: str) -> None:
+        WebDriverWait(browser, WAIT_S).until(lambda d: by_id(d, "key-form").is_displayed())
+        by_id(browser, "api-key").send_keys(key)
+        browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+
+    browser.get(keyed_server)
+    enter_key("not-the-key-00000000000000")
+    WebDriverWait(browser, WAIT_S).until(lambda d: "did not accept" in by_id(d, "key-note").text)
+    assert not by_id(browser, "model").is_enabled()
+    screenshot(browser, tmp_path, "page-key-asked.png")
+    enter_key(PAGE_KEY)
+    WebDriverWait(browser, WAIT_S).until(lambda d: by_id(d, "model").is_enabled())
+    assert not by_id(browser, "key-form").is_displayed()
+    red = tmp_path / "red.png"
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(red)
+    assert upload(browser, red) == "done", by_id(browser, "error").text
+    assert browser.find_element(By.CSS_SELECTOR, "#results .prediction .label").text == "red"
+    assert browser.execute_script("return sessionStorage.getItem('torch-serve.api-key')") == PAGE_KEY
+    # Kept for the tab: a reload doesn't ask again.
+    page_ready(browser, keyed_server)
+    assert not by_id(browser, "key-form").is_displayed()
+    screenshot(browser, tmp_path, "page-with-key.png")

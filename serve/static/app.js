@@ -22,12 +22,60 @@
   const errorDetail = $("error-detail");
   const results = $("results");
   const latency = $("latency");
+  const overlay = $("overlay");
+  const summary = $("summary");
+  const topkField = $("topk-field");
+  // Distinct colours for classes and boxes (Tableau 10).
+  const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 
   let models = [];
   let currentFile = null;
   let previewUrl = null;
   let requestSeq = 0;
   let inFlight = null;
+
+  // ---- API key: asked for only when the server answers 401; kept in this tab (sessionStorage) ----
+
+  const KEY_STORE = "torch-serve.api-key";
+  const keyForm = $("key-form");
+  const keyInput = $("api-key");
+  const keyNote = $("key-note");
+  let afterKey = null;
+
+  // fetch() with the key, if one was given, as X-API-Key.
+  function api(url, options = {}) {
+    const headers = new Headers(options.headers || {});
+    const key = sessionStorage.getItem(KEY_STORE);
+    if (key) headers.set("X-API-Key", key);
+    return fetch(url, { ...options, headers });
+  }
+
+  // Show the key field; `retry` runs once a key is entered. Returns true if the answer was a 401.
+  function askedForKey(response, retry) {
+    if (response.status !== 401) return false;
+    const refused = sessionStorage.getItem(KEY_STORE) !== null;
+    sessionStorage.removeItem(KEY_STORE);
+    keyNote.textContent = refused
+      ? "The server did not accept that key. Enter another one."
+      : "This server needs an API key. It is kept in this browser tab only.";
+    keyForm.hidden = false;
+    keyInput.focus();
+    afterKey = retry;
+    setState("idle", "Waiting for an API key.");
+    return true;
+  }
+
+  keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = keyInput.value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORE, key);
+    keyInput.value = "";
+    keyForm.hidden = true;
+    const retry = afterKey;
+    afterKey = null;
+    if (retry) retry();
+  });
 
   function percent(p) {
     const pct = p * 100;
@@ -89,10 +137,15 @@
 
   // ---- models ----------------------------------------------------------------------------------
 
+  function taskOf(m) {
+    return (m && m.task && m.task.name) || "classify";
+  }
+
   function describeModel(m) {
     if (!m) return "";
-    const parts = [];
+    const parts = [taskOf(m)];
     if (m.num_classes) parts.push(`${m.num_classes.toLocaleString()} classes`);
+    if (m.task && m.task.dim) parts.push(`${m.task.dim} dimensions`);
     if (m.input && m.input.shape) parts.push(`input ${m.input.shape.join("×")}`);
     if (m.device) parts.push(`on ${m.device}`);
     if (m.ready === false) parts.push("still loading");
@@ -110,13 +163,15 @@
     if (m) {
       topkInput.max = String(m.num_classes || 100);
       topkInput.value = String(m.topk || 5);
+      topkField.hidden = taskOf(m) !== "classify";
     }
     if (currentFile) classify(currentFile);
   }
 
   async function loadModels() {
     try {
-      const response = await fetch("models", { headers: { Accept: "application/json" } });
+      const response = await api("models", { headers: { Accept: "application/json" } });
+      if (askedForKey(response, loadModels)) return;
       if (!response.ok) {
         const { message } = await readError(response);
         throw new Error(message);
@@ -164,6 +219,7 @@
 
   function takeFile(file) {
     if (!file) return;
+    clearOverlay();
     currentFile = file;
     showPreview(file);
     classify(file);
@@ -256,13 +312,14 @@
 
     const form = new FormData();
     form.append("image", file, file.name || "image");
-    const url = new URL(`predictions/${encodeURIComponent(m.name)}?topk=${topk()}`, document.baseURI).href;
+    const query = taskOf(m) === "classify" ? `?topk=${topk()}` : "";
+    const url = new URL(`predictions/${encodeURIComponent(m.name)}${query}`, document.baseURI).href;
 
     const started = performance.now();
     let response;
     let body;
     try {
-      response = await fetch(url, { method: "POST", body: form, signal: controller.signal });
+      response = await api(url, { method: "POST", body: form, signal: controller.signal });
       if (response.ok) body = await response.json();
     } catch (e) {
       if (e.name === "AbortError" || seq !== requestSeq) return;
@@ -275,6 +332,7 @@
     if (seq !== requestSeq) return; // a newer image or setting replaced this one
     inFlight = null;
     results.classList.remove("stale");
+    if (askedForKey(response, () => classify(file))) return;
 
     if (!response.ok) {
       const { message, detail } = await readError(response);
@@ -294,7 +352,143 @@
     if (rect.top > window.innerHeight - 80 || rect.bottom < 0) panel.scrollIntoView({ block: "start" });
   }
 
+  function colour(i) {
+    return PALETTE[i % PALETTE.length];
+  }
+
+  function clearOverlay() {
+    overlay.hidden = true;
+    summary.hidden = true;
+    summary.textContent = "";
+  }
+
+  // The overlay canvas has the image's natural size; CSS stretches it over the preview.
+  function overlayContext() {
+    overlay.width = preview.naturalWidth || 1;
+    overlay.height = preview.naturalHeight || 1;
+    overlay.hidden = preview.hidden;
+    const ctx = overlay.getContext("2d");
+    ctx.clearRect(0, 0, overlay.width, overlay.height);
+    return ctx;
+  }
+
+  function legendItem(text, value, swatchColour, top) {
+    const li = document.createElement("li");
+    li.className = "prediction" + (top ? " top" : "");
+    const row = document.createElement("div");
+    row.className = "prediction-row";
+    const label = document.createElement("span");
+    label.className = "label";
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = swatchColour;
+    label.append(swatch, document.createTextNode(text));
+    const number = document.createElement("span");
+    number.className = "probability";
+    number.textContent = value;
+    row.append(label, number);
+    li.append(row);
+    return li;
+  }
+
+  function renderDetections(body) {
+    const detections = body.detections || [];
+    const ctx = overlayContext();
+    const line = Math.max(2, Math.round(Math.max(overlay.width, overlay.height) / 250));
+    ctx.lineWidth = line;
+    ctx.font = `${line * 7}px system-ui, sans-serif`;
+    ctx.textBaseline = "bottom";
+    detections.forEach((d, i) => {
+      const [x1, y1, x2, y2] = d.box;
+      const c = colour(d.index);
+      ctx.strokeStyle = c;
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      (d.keypoints || []).forEach(([x, y]) => {
+        ctx.fillStyle = c;
+        ctx.beginPath();
+        ctx.arc(x, y, line * 1.5, 0, 2 * Math.PI);
+        ctx.fill();
+      });
+      const text = `${d.label} ${percent(d.score)}`;
+      const width = ctx.measureText(text).width + line * 2;
+      const top = Math.max(y1, line * 8);
+      ctx.fillStyle = c;
+      ctx.fillRect(x1, top - line * 8, width, line * 8);
+      ctx.fillStyle = "#fff";
+      ctx.fillText(text, x1 + line, top - line);
+    });
+    results.replaceChildren(...detections.map((d, i) => legendItem(d.label, percent(d.score), colour(d.index), i === 0)));
+    results.hidden = detections.length === 0;
+    const best = detections[0];
+    return best ? `${detections.length} found; most confident: ${best.label} (${percent(best.score)}).` : "Nothing found above the threshold.";
+  }
+
+  function renderMask(body) {
+    const classes = body.classes || [];
+    const ctx = overlayContext();
+    const mask = new Image();
+    mask.onload = () => {
+      const scratch = document.createElement("canvas");
+      scratch.width = mask.width;
+      scratch.height = mask.height;
+      const sctx = scratch.getContext("2d");
+      sctx.drawImage(mask, 0, 0);
+      const pixels = sctx.getImageData(0, 0, mask.width, mask.height);
+      const rgb = PALETTE.map((hex) => [1, 3, 5].map((k) => parseInt(hex.slice(k, k + 2), 16)));
+      const background = new Set(classes.filter((c) => /background/i.test(c.label)).map((c) => c.index));
+      for (let p = 0; p < pixels.data.length; p += 4) {
+        const index = pixels.data[p];
+        const [r, g, b] = rgb[index % rgb.length];
+        pixels.data[p] = r;
+        pixels.data[p + 1] = g;
+        pixels.data[p + 2] = b;
+        pixels.data[p + 3] = background.has(index) ? 0 : 115;
+      }
+      sctx.putImageData(pixels, 0, 0);
+      ctx.drawImage(scratch, 0, 0, overlay.width, overlay.height);
+      overlay.dataset.drawn = "mask";
+    };
+    mask.src = `data:image/png;base64,${body.mask.data}`;
+    results.replaceChildren(...classes.map((c, i) => legendItem(c.label, percent(c.fraction), colour(c.index), i === 0)));
+    results.hidden = classes.length === 0;
+    const largest = classes[0];
+    return largest ? `${classes.length} classes; largest: ${largest.label} (${percent(largest.fraction)} of the image).` : "";
+  }
+
+  function renderEmbedding(body) {
+    const values = body.embedding || [];
+    const norm = Math.sqrt(values.reduce((sum, v) => sum + v * v, 0));
+    results.replaceChildren();
+    results.hidden = true;
+    summary.textContent = `[${values.slice(0, 6).map((v) => v.toFixed(4)).join(", ")}${values.length > 6 ? ", …" : ""}]`;
+    summary.hidden = false;
+    return `An embedding of ${body.dim} dimensions, L2 norm ${norm.toFixed(3)}.`;
+  }
+
   function renderResults(body, elapsed, server) {
+    clearOverlay();
+    let done = null;
+    if (body && body.detections) done = renderDetections(body);
+    else if (body && body.mask) done = renderMask(body);
+    else if (body && body.embedding) done = renderEmbedding(body);
+    if (done !== null) {
+      showLatency(elapsed, server);
+      setState("done", done);
+      return;
+    }
+    renderClasses(body, elapsed, server);
+  }
+
+  function showLatency(elapsed, server) {
+    let text = `Answered in ${formatMs(elapsed)}`;
+    if (server != null) text += ` · server ≈ ${formatMs(server)}`;
+    latency.textContent = text;
+    latency.title = "Measured in this browser: from sending the image to the parsed answer" +
+      (server != null ? "; server: time to the answer's first byte" : "");
+    latency.hidden = false;
+  }
+
+  function renderClasses(body, elapsed, server) {
     const predictions = (body && body.predictions) || [];
     const top = predictions.length ? predictions[0].probability : 1;
     const items = predictions.map((p, i) => {
@@ -326,13 +520,7 @@
     });
     results.replaceChildren(...items);
     results.hidden = items.length === 0;
-
-    let text = `Answered in ${formatMs(elapsed)}`;
-    if (server != null) text += ` · server ≈ ${formatMs(server)}`;
-    latency.textContent = text;
-    latency.title = "Measured in this browser: from sending the image to the parsed answer" +
-      (server != null ? "; server: time to the answer's first byte" : "");
-    latency.hidden = false;
+    showLatency(elapsed, server);
 
     const best = predictions[0];
     setState("done", best ? `Most likely: ${best.label} (${percent(top)}).` : "The model gave no answer.");

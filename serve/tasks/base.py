@@ -6,6 +6,7 @@ one output per image on the CPU) -> Task.finish (request thread: one typed resul
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -42,6 +43,7 @@ class Prepared:
     tensor: torch.Tensor  # uint8 [C, H, W]
     size: tuple[int, int]  # (width, height) of the uploaded image as the user sees it (EXIF-rotated)
     scale: tuple[float, float] = (1.0, 1.0)  # tensor pixels per uploaded-image pixel, (x, y)
+    content: tuple[int, int] | None = None  # (width, height) of the image in the tensor, when padded right and below
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,9 @@ class Task:
 
     def decode_sides(self) -> dict[str, int | None]:
         """open_image's reduced-scale JPEG hints: the shorter side needed (min_side), the longer side cap (max_side)."""
-        return {"min_side": self.spec.preprocess.resize, "max_side": None}
+        from serve.preprocess import draft_side
+
+        return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
         """Request thread: the decoded upright image (a JPEG maybe decoded at reduced scale) and the
@@ -207,6 +211,20 @@ def parse_number(args: Mapping[str, str], key: str, kind: type, low: float, high
     if not low <= value <= high:
         raise InvalidRequestError(f"{key} must be between {low:g} and {high:g}, got {raw[:40]}")
     return value
+
+
+def padded_tensor(image: Image.Image, max_aspect: float) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image as a uint8 tensor, padded with black below or to the right until its sides are within
+    max_aspect of each other (models that resize internally turn a 10000 x 10 strip into a 0-pixel side);
+    and the image's own (width, height) inside it."""
+    tensor = image_tensor(image)
+    width, height = image.size
+    padded_w, padded_h = max(width, math.ceil(height / max_aspect)), max(height, math.ceil(width / max_aspect))
+    if (padded_w, padded_h) != (width, height):
+        canvas = torch.zeros((tensor.shape[0], padded_h, padded_w), dtype=torch.uint8)
+        canvas[:, :height, :width] = tensor
+        tensor = canvas
+    return tensor, (width, height)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from serve.tasks.base import Options, Prepared, Result, Task, V2Output, image_tensor, parse_number
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, padded_tensor, parse_number
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -23,6 +23,7 @@ class DetectOptions(Options):
     max_side: int = Field(1333, gt=0, description="a larger upload is scaled down to this longer side before the model "
                                                   "(boxes are mapped back); torchvision's R-CNNs resize to at most 1333 anyway")
     mask_threshold: float = Field(0.5, gt=0, lt=1, description="soft instance masks are cut here into the answered binary masks")
+    max_aspect: float = Field(4.0, ge=1, description="a longer strip is padded with black (below or right) to this ratio of its sides")
 
 
 class RleMask(Result):
@@ -70,7 +71,8 @@ class Detect(Task):
         if scale < 1.0:
             target = (max(1, round(width * scale)), max(1, round(height * scale)))
             image = image.resize(target, RESAMPLE[self.spec.preprocess.interpolation], reducing_gap=3.0)
-        return Prepared(image_tensor(image), size, (image.width / size[0], image.height / size[1]))
+        tensor, content = padded_tensor(image, self.options.max_aspect)
+        return Prepared(tensor, size, (image.width / size[0], image.height / size[1]), content)
 
     def parse_params(self, args: Mapping[str, str]) -> dict[str, Any]:
         threshold = parse_number(args, "threshold", float, 0.0, 1.0)
@@ -118,6 +120,8 @@ class Detect(Task):
         boxes = output["boxes"][keep] / torch.tensor([sx, sy, sx, sy])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        inside = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().flatten()  # not all padding
+        keep, boxes = keep[inside], boxes[inside]
         masks = self._masks(output["masks"][keep], prepared) if "masks" in output else None
         keypoints = None
         if "keypoints" in output:
@@ -145,6 +149,8 @@ class Detect(Task):
         if not len(soft):
             return []
         width, height = prepared.size
+        if prepared.content is not None:
+            soft = soft[..., : prepared.content[1], : prepared.content[0]]
         if soft.shape[-2:] != (height, width):
             soft = torch.nn.functional.interpolate(soft, size=(height, width), mode="bilinear", align_corners=False)
         binary = (soft[:, 0] > self.options.mask_threshold).numpy().astype(np.uint8)

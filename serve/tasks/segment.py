@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
-from serve.tasks.base import Options, Prepared, Result, Task, V2Output, image_tensor
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, padded_tensor
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 PAD_UINT8 = 255  # V2 masks of several sizes are padded with this (not a class when classes <= 255)
@@ -26,6 +26,7 @@ PAD_UINT8 = 255  # V2 masks of several sizes are padded with this (not a class w
 
 class SegmentOptions(Options):
     max_side: int = Field(1024, gt=0, description="the longer side the model sees, at most (the shorter one is preprocess.resize)")
+    max_aspect: float = Field(4.0, ge=1, description="a longer strip is padded with black (below or right) to this ratio of its sides")
 
 
 class MaskImage(Result):
@@ -88,7 +89,9 @@ class Segment(Task):
         return f"segment, {self.num_classes} classes"
 
     def decode_sides(self) -> dict[str, int | None]:
-        return {"min_side": self.spec.preprocess.resize, "max_side": None}
+        from serve.preprocess import draft_side
+
+        return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
         width, height = image.size
@@ -96,7 +99,8 @@ class Segment(Task):
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
         if target != image.size:
             image = image.resize(target, RESAMPLE[self.spec.preprocess.interpolation], reducing_gap=3.0)
-        return Prepared(image_tensor(image), size, (image.width / size[0], image.height / size[1]))
+        tensor, content = padded_tensor(image, self.options.max_aspect)
+        return Prepared(tensor, size, (image.width / size[0], image.height / size[1]), content)
 
     def run(self, forward, inputs: list[torch.Tensor]) -> list[SegmentOutput]:
         """Images of one shape run as one batch; other shapes in their own forward, answers in order."""
@@ -131,6 +135,8 @@ class Segment(Task):
         """The class of every pixel of the uploaded image, [height, width]."""
         width, height = prepared.size
         classes = output.classes.numpy()
+        if prepared.content is not None:
+            classes = classes[: prepared.content[1], : prepared.content[0]]
         if classes.shape == (height, width):
             return classes
         mode = "L" if classes.dtype == np.uint8 else "I"
