@@ -230,6 +230,19 @@ def test_exported_program_serves_a_batch_whatever_batch_it_was_exported_for(made
         assert_same_answer(answer, in_process(resnet, image))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind, trust", [("resnet_traced", False), ("resnet_dynamic", True)])
+def test_packaged_models_serve_on_a_gpu(made, cat_variants, kind, trust):
+    answers, meta = served(model_entry(made[kind], device="cuda:0", trust_code=trust), cat_variants)
+    assert meta["device"] == "cuda:0"
+    resnet = seeded_resnet18()
+    for answer, image in zip(answers, cat_variants):
+        probs = in_process(resnet, image)
+        for p in answer["predictions"]:  # cuDNN's sums (TF32) differ from the CPU's: neighbours may swap
+            assert p["probability"] == pytest.approx(probs[p["index"]].item(), abs=1e-3)
+        assert answer["predictions"][0]["probability"] == pytest.approx(probs.max().item(), abs=1e-3)
+
+
 def test_exported_program_with_a_smallest_batch_of_two_serves_one_image(made):
     entry = tiny_model_config(made["tiny_auto"], architecture=None, kwargs={}, trust_code=True)
     answer, meta = served(entry, image_bytes((0, 0, 255)), topk=3)
