@@ -346,7 +346,7 @@ def test_archive_with_a_model_file_serves_with_its_labels_and_preprocessing(eage
     loaded = load_model(spec)
     assert marker.read_text() == "ran"  # consented: the model file was imported
     assert loaded.layout == "TorchServe archive (image_classifier), state_dict weights.pt for model.py:Classifier"
-    assert loaded.implied.task == "classify"
+    assert loaded.implied.task == "classify" and loaded.skipped_keys == ()
     assert loaded.implied.labels == ("cat", "dog", "fox", "owl")
     spec = apply_implied(spec, loaded.implied)
     assert (spec.preprocess.resize, spec.preprocess.crop) == (256, 224)

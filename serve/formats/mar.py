@@ -27,7 +27,7 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
-from serve.formats import exported, torchscript
+from serve.formats import exported, safe_globals, torchscript
 from serve.formats.packaged import Implied, Opened
 from serve.loader import _first_line, build_module, find_state_dict, load_weights, read_checkpoint
 
@@ -207,7 +207,9 @@ def _open_eager(spec: ModelSpec, archive: zipfile.ZipFile, manifest: Manifest, w
     """A state_dict for the config's architecture, or else the one class the modelFile defines. The
     weights are read first (weights-only, so a pickle is refused before any archive code could run)."""
     member = manifest.serialized_file
-    state, _ = find_state_dict(read_checkpoint(weights, device, trust_pickle=spec.trust_pickle), spec.state_dict_key)
+    allowed = safe_globals.resolve_safe_globals(spec.safe_globals, spec.name)
+    obj = read_checkpoint(weights, device, trust_pickle=spec.trust_pickle, allowed=allowed)
+    state, _ = find_state_dict(obj, spec.state_dict_key, spec.weights)
     if isinstance(state, nn.Module):
         state = state.state_dict()
     if spec.architecture is not None:
@@ -221,8 +223,8 @@ def _open_eager(spec: ModelSpec, archive: zipfile.ZipFile, manifest: Manifest, w
             f"model '{spec.name}': field 'architecture': archive {spec.checkpoint.name}'s serialized file "
             f"'{member}' is a state_dict and the archive has no modelFile; give the architecture it fits"
         )
-    skipped = load_weights(module, state, spec.strict)
-    return module, f"TorchServe archive ({manifest.builtin}), state_dict {member} for {source}", skipped
+    skipped, note = load_weights(module, state, spec.strict, spec.strip_prefix)
+    return module, f"TorchServe archive ({manifest.builtin}), state_dict {member} for {source}{note}", skipped
 
 
 def _build_from_model_file(spec: ModelSpec, archive: zipfile.ZipFile, manifest: Manifest, private: Path) -> nn.Module:

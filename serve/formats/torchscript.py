@@ -45,13 +45,13 @@ def read(source: Path | BinaryIO, device: torch.device | str, where: str) -> tor
 
 
 def refuse_architecture(spec: ModelSpec, kind: str) -> None:
-    """A self-contained file carries its model: an architecture (or its kwargs, state_dict_key) in the
-    config would be silently unused.
+    """A file that packages its model: an architecture, or a field that picks weights out of a
+    state_dict, would be silently unused.
 
     Raises:
         ConfigError: one of those fields is set.
     """
-    for name in ("architecture", "kwargs", "state_dict_key"):
+    for name in ("architecture", "kwargs", "state_dict_key", "strip_prefix", "safe_globals"):
         if getattr(spec, name):
             raise ConfigError(
                 f"model '{spec.name}': field '{name}': {spec.checkpoint.name} is a {kind}, which carries "
