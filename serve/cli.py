@@ -14,6 +14,7 @@ from torch import nn
 from serve.config import load_config
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
 from serve.formats.entry import suggest_entry
+from serve.formats.packaged import describe
 from serve.formats.safe_globals import resolve_safe_globals
 from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
@@ -52,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     folder: Path = args.checkpoint.resolve()
+    described = describe(folder) if folder.is_file() else None  # a packaged model: none of its code runs
+    if described is not None:
+        lines = [("file", f"{folder} ({folder.stat().st_size} bytes)"), ("sha256", file_sha256(folder)), *described]
+        width = max(len(label) for label, _ in lines) + 2
+        for label, text in lines:
+            print(f"{label}:".ljust(width) + text)
+        return 0
     path = weights_path(folder)
     fmt = (
         "safetensors" if path.suffix == ".safetensors"

@@ -70,12 +70,14 @@ class ModelSpec(_Frozen):
     """One model to serve: how to build it, where its weights are and how to feed it."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    architecture: str | None = None
+    architecture: str | None = None  # None: the checkpoint must carry its model (checked when loading)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path
     state_dict_key: str | None = None
     strict: bool = True
     trust_pickle: bool = False
+    trust_code: bool = Field(False, description="run the Python a checkpoint carries: a TorchServe archive's "
+                             "modelFile, torch.export.load's deserializer")
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     labels: tuple[str, ...] | Path | str | None = None
     topk: int = Field(5, gt=0)
@@ -125,8 +127,6 @@ class ModelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
-        if self.architecture is None and not self.trust_pickle:
-            raise ValueError("architecture is required unless trust_pickle is true (a whole-model pickle)")
         if self.weights == "ema" and self.state_dict_key is not None:
             raise ValueError("weights: ema and state_dict_key both choose the weights; set one")
         for name in self.safe_globals:

@@ -18,6 +18,7 @@ from torch import nn
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, DeviceError
 from serve.formats import safe_globals, training
+from serve.formats.packaged import Implied, open_model
 from serve.formats.timm_folder import TIMM_SCHEME, is_model_folder, weights_file
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class LoadedModel:
     sha256: str
     load_time_s: float
     skipped_keys: tuple[str, ...] = ()
+    implied: Implied | None = None  # what a self-contained checkpoint says (task, labels, preprocess)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -363,19 +365,31 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         digest = file_sha256(path)
         if spec.sha256 and digest != spec.sha256.lower():
             raise CheckpointError(f"checkpoint {path} sha256 is {digest}, config expects {spec.sha256}")
-        allowed = safe_globals.resolve_safe_globals(spec.safe_globals, spec.name)
-        obj = read_checkpoint(path, device, trust_pickle=spec.trust_pickle, allowed=allowed)
-        weights, layout = find_state_dict(obj, spec.state_dict_key, spec.weights)
-        skipped: tuple[str, ...] = ()
-        if isinstance(weights, nn.Module) and spec.architecture is None:
-            module = weights
+        # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats/packaged.py).
+        opened = open_model(spec, device)
+        implied = opened.implied if opened is not None else None
+        if opened is not None:
+            module, layout, skipped = opened.module, opened.layout, opened.skipped_keys
         else:
-            module = build_module(spec.architecture, spec.kwargs, spec.name)
-            if isinstance(weights, nn.Module):
-                weights = weights.state_dict()
-            skipped, note = load_weights(module, weights, spec.strict, spec.strip_prefix)
-            layout += note
-        del obj, weights
+            allowed = safe_globals.resolve_safe_globals(spec.safe_globals, spec.name)
+            obj = read_checkpoint(path, device, trust_pickle=spec.trust_pickle, allowed=allowed)
+            weights, layout = find_state_dict(obj, spec.state_dict_key, spec.weights)
+            skipped: tuple[str, ...] = ()
+            if isinstance(weights, nn.Module) and spec.architecture is None:
+                module = weights
+            elif spec.architecture is None:
+                raise ConfigError(
+                    f"model '{spec.name}': field 'architecture': required for a state_dict checkpoint "
+                    f"({layout}); only a TorchScript file, a torch.export program, a TorchServe archive or a "
+                    f"trusted whole-model pickle carries its own"
+                )
+            else:
+                module = build_module(spec.architecture, spec.kwargs, spec.name)
+                if isinstance(weights, nn.Module):
+                    weights = weights.state_dict()
+                skipped, note = load_weights(module, weights, spec.strict, spec.strip_prefix)
+                layout += note
+            del obj, weights
         module = module.to(device).eval()
         if spec.half and device.type == "cuda":
             module = module.half()
@@ -388,7 +402,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise type(exc)(message) from None
     elapsed = time.perf_counter() - started
     log.info("model '%s' loaded from %s (%s) on %s in %.2fs", spec.name, spec.checkpoint.name, layout, device, elapsed)
-    return LoadedModel(module, device, layout, digest, elapsed, skipped)
+    return LoadedModel(module, device, layout, digest, elapsed, skipped, implied)
 
 
 def load_labels(spec: ModelSpec) -> tuple[str, ...] | None:

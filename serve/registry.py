@@ -20,6 +20,7 @@ from serve.errors import (
     ReloadFailedError,
     ServeError,
 )
+from serve.formats.packaged import apply_implied
 from serve.loader import load_labels, load_model
 from serve.memory import PixelBudget
 from serve.metrics import Metrics
@@ -71,7 +72,9 @@ class Registry:
     def _build_and_install(self, spec: ModelSpec) -> None:
         """Load and warm up one model, then make it the one served. Runs on the batcher's thread,
         between batches, so no batch ever sees a half-installed model."""
-        predictor = Predictor(spec, load_model(spec), load_labels(spec), self.pixels)
+        loaded = load_model(spec)
+        spec = apply_implied(spec, loaded.implied)  # an archive's task, labels, preprocess, where the config is silent
+        predictor = Predictor(spec, loaded, load_labels(spec), self.pixels)
         predictor.warm_up()
         if self.cores is not None and predictor.single_threaded(1):
             log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches under %.0f ms run "
@@ -121,7 +124,8 @@ class Registry:
             ModelNotFoundError: no model of that name.
             ReloadFailedError: the file can't be loaded now; the previous weights keep serving.
         """
-        spec = self.get(name).spec
+        self.get(name)
+        spec = self.config.model(name)  # as configured: what the checkpoint implies is read again
         try:
             self.batcher.call(self._build_and_install, spec).result()
         except ServeError as exc:

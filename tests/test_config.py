@@ -58,7 +58,6 @@ def test_package_scheme_points_into_an_installed_package():
         ({"preprocess": {"resize": 100, "crop": 200}}, "model 'tiny': field 'preprocess': Value error, crop (200) must not exceed resize (100)"),
         ({"preprocess": {"mode": "L"}}, "mean needs 1 values for mode L"),
         ({"preprocess": {"mode": "CMYK"}}, "model 'tiny': field 'preprocess.mode'"),
-        ({"architecture": None}, "architecture is required unless trust_pickle is true"),
         ({"sha256": "abc"}, "model 'tiny': field 'sha256'"),
     ],
 )

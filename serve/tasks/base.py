@@ -68,6 +68,8 @@ class Task:
     formats: ClassVar[tuple[str, ...]] = ("json", "torchserve")
     # V2 outputs honour Triton's classification extension (output parameter "classification": K).
     v2_classification: ClassVar[bool] = False
+    # The TorchServe built-in handler this task stands for: a .mar naming it is served as this task.
+    torchserve_handler: ClassVar[str | None] = None
 
     def __init__(self, spec, labels: tuple[str, ...] | None, device: torch.device):
         from serve.preprocess import build_normalizer

@@ -32,6 +32,7 @@ class Classification(Result):
 
 class Classify(Task):
     name = "classify"
+    torchserve_handler = "image_classifier"
     Options = ClassifyOptions
     Result = Classification
     v2_classification = True

@@ -47,6 +47,7 @@ class Detections(Result):
 
 class Detect(Task):
     name = "detect"
+    torchserve_handler = "object_detector"
     Options = DetectOptions
     Result = Detections
     fixed_size = False

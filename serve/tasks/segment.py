@@ -60,6 +60,7 @@ class SegmentOutput:
 
 class Segment(Task):
     name = "segment"
+    torchserve_handler = "image_segmenter"
     Options = SegmentOptions
     Result = Segmentation
     fixed_size = False
