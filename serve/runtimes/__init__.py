@@ -1,0 +1,1 @@
+"""Runtimes: what runs a model's forward (eager PyTorch, ONNX Runtime)."""
