@@ -3,7 +3,7 @@
     runtime = build_onnx_runtime(module, sample, cache_key_parts={...}, cache_dir=path, rule="classify")
     runtime.forward(batch)     # float32 [N, C, H, W], normalized -> what module(batch) returns, as CPU tensors
     runtime.describe()         # {"runtime": "onnxruntime", "export_s", "cache", "providers", "threads", ...}
-    runtime.forward_isolated(batch)    # the same, run in a short-lived child process (see Fork)
+    runtime.forward_isolated(*batches) # the same, run in a short-lived child process (see Fork)
     open_onnx_file(path)       # an .onnx checkpoint, with its external data beside it, served as it is
     compare_outputs(eager, onnx, rule) # None when they agree, else the reason
 
@@ -341,17 +341,22 @@ class OnnxRuntime:
         threads = self.threads if torch.get_num_threads() >= self.threads else 1
         return self._rebuild(self.run_numpy([_as_array(x) for x in _images(batch, self.per_image)], threads))
 
-    def forward_isolated(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> Any:
-        """forward, run in a forked child when this process has not imported onnxruntime yet (it may fork
-        workers later); in this process otherwise (already imported, a GPU, or no fork on this system).
+    def forward_isolated(self, *batches: torch.Tensor | Sequence[torch.Tensor]) -> list[Any]:
+        """forward for each batch, run in one forked child when this process has not imported onnxruntime
+        (it may fork workers later); in this process otherwise (already imported, a GPU, or no fork).
 
         Raises:
             ExportError: the model fails to open or run, or the child doesn't answer.
         """
-        arrays = [_as_array(x) for x in _images(batch, self.per_image)]
+        arrays = [[_as_array(x) for x in _images(batch, self.per_image)] for batch in batches]
+        sizes = [len(a) for a in arrays]
+        flat = [a for per_batch in arrays for a in per_batch]
         if "onnxruntime" in sys.modules or self.device.type == "cuda" or not hasattr(os, "fork"):
-            return self._rebuild(self.run_numpy(arrays, self.threads))
-        return self._rebuild(_in_child(lambda: self.run_numpy(arrays, self.threads)))
+            runs = self.run_numpy(flat, self.threads)
+        else:
+            runs = _in_child(lambda: self.run_numpy(flat, self.threads))
+        starts = np.cumsum([0] + sizes)
+        return [self._rebuild(runs[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
     def run_numpy(self, arrays: list[np.ndarray], threads: int) -> list[list[np.ndarray]]:
         """One session run an array (the batch, or each image of a per-image model): its outputs."""
@@ -573,11 +578,12 @@ def verify(runtime: OnnxRuntime, module: nn.Module, sample: torch.Tensor, rule: 
     Raises:
         ExportError: ONNX Runtime can't open or run the model.
     """
-    for i, batch in enumerate(verification_inputs(sample, dynamic_hw)):
-        with torch.inference_mode():
-            eager = _call(module, batch)
-        onnx_out = runtime.forward_isolated(batch)
-        reason = compare_outputs(eager, onnx_out, rule, score_threshold=score_threshold)
+    batches = verification_inputs(sample, dynamic_hw)
+    with torch.inference_mode():
+        eager = [_call(module, batch) for batch in batches]
+    onnx_outputs = runtime.forward_isolated(*batches)
+    for i, (batch, e, o) in enumerate(zip(batches, eager, onnx_outputs)):
+        reason = compare_outputs(e, o, rule, score_threshold=score_threshold)
         if reason is not None:
             what = "the export sample" if i == 0 else f"a random batch of {len(batch)} {list(batch.shape[1:])}"
             return f"on {what}: {reason}"
