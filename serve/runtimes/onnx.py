@@ -508,8 +508,11 @@ def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_par
         check_cuda_provider(device)
     module.eval()
     sample = sample.detach().to(device, torch.float32)
-    with torch.inference_mode():
-        eager = _call(module, sample)
+    try:
+        with torch.inference_mode():
+            eager = _call(module, sample)
+    except Exception as exc:  # the user's module: any failure is a reason to run it eagerly (and fail there)
+        raise ExportError(f"the module fails on a sample {list(sample.shape)}: {_first_line(exc)}") from None
     layout, _ = _flatten(eager)
     parts = {
         **{k: v for k, v in cache_key_parts.items()},
