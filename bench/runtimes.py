@@ -4,7 +4,8 @@
     python bench/runtimes.py --rounds 1 --reps 10 # a quick look
 
 For EfficientNet-Lite0 (the default model, its pretrained weights) and resnet18 (seeded random weights):
-  forward    in-process forward latency at batch 1 and 4, eager and ONNX Runtime interleaved, every core
+  forward    in-process forward latency at batch 1 and 4 with every core, and batch 1 on one thread
+             (ONNX Runtime's single-threaded session), eager and ONNX Runtime interleaved
   photo      decode -> resize/crop -> normalize -> forward -> top-5 of the cat photo (skimage's chelsea,
              a JPEG), one image at a time, images/s
   memory     RSS of a fresh process after loading and running b1 and b4: eager alone, eager plus an ONNX
@@ -40,6 +41,7 @@ CORES = available_cores()
 LITE_NORM = ([0.498] * 3, [0.502] * 3)
 IMAGENET_NORM = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 MODELS = ("efficientnet_lite0", "resnet18")
+WHATS = ("b1 ms", "b4 ms", "b1 ms 1 thread", "photo img/s")
 
 
 def load_module(name: str) -> torch.nn.Module:
@@ -61,7 +63,8 @@ def load_module(name: str) -> torch.nn.Module:
 def build(name: str, module, cache_dir: Path | None):
     from serve.runtimes.onnx import build_onnx_runtime
 
-    return build_onnx_runtime(module, torch.zeros(1, 3, 224, 224), cache_dir=cache_dir, threads=CORES,
+    # load_threads=1: the single-threaded session exists, for the "1 thread" and memory figures
+    return build_onnx_runtime(module, torch.zeros(1, 3, 224, 224), cache_dir=cache_dir, threads=CORES, load_threads=1,
                               cache_key_parts={"model": name, "weights": "packaged" if name != "resnet18" else "seed 0"})
 
 
@@ -122,14 +125,17 @@ def in_process(args) -> dict:
         norm = LITE_NORM if name == "efficientnet_lite0" else IMAGENET_NORM
         runners = {"eager": module, "onnxruntime": runtime.forward}
         top5 = {label: classify_photo(jpeg, fn, norm) for label, fn in runners.items()}
-        rows = {(label, what): [] for label in runners for what in ("b1 ms", "b4 ms", "photo img/s")}
+        rows = {(label, what): [] for label in runners for what in WHATS}
         for _ in range(args.rounds):
-            for batch_size in (1, 4):
+            for batch_size, threads in ((1, CORES), (4, CORES), (1, 1)):
                 x = torch.randn(batch_size, 3, 224, 224)
+                torch.set_num_threads(threads)  # 1: ONNX Runtime's single-threaded session, as CoreShare picks
                 for label, fn in runners.items():
                     with torch.inference_mode():
                         fn(x)  # warm
-                        rows[(label, f"b{batch_size} ms")].append(median_ms(lambda: fn(x), args.reps))
+                        what = f"b{batch_size} ms" + (" 1 thread" if threads == 1 else "")
+                        rows[(label, what)].append(median_ms(lambda: fn(x), args.reps))
+                torch.set_num_threads(CORES)
             for label, fn in runners.items():
                 rows[(label, "photo img/s")].append(images_per_s(lambda: classify_photo(jpeg, fn, norm), args.seconds))
         results[name] = {"rows": {f"{k[0]} {k[1]}": v for k, v in rows.items()}, "top5": top5}
@@ -254,7 +260,7 @@ def main() -> None:
         print(f"\n{name}   top-5 of the cat photo: eager {timed[name]['top5']['eager']}, "
               f"onnxruntime {timed[name]['top5']['onnxruntime']}")
         print(f"  {'':22}{'eager':>22}{'onnxruntime':>22}{'speed-up':>10}")
-        for what in ("b1 ms", "b4 ms", "photo img/s"):
+        for what in WHATS:
             e, o = rows[f"eager {what}"], rows[f"onnxruntime {what}"]
             ratio = statistics.median(e) / statistics.median(o) if "ms" in what else statistics.median(o) / statistics.median(e)
             print(f"  {what:22}{spread(e):>22}{spread(o):>22}{ratio:>9.2f}x")

@@ -70,21 +70,39 @@ def test_tiny_net_outputs_are_exact(tmp_path):
     described = runtime.describe()
     assert described["runtime"] == "onnxruntime" and described["cache"] == "miss"
     assert described["exporter"] == "torchscript" and described["providers"] == ["CPUExecutionProvider"]
-    assert described["export_s"] > 0 and described["threads"] == [1]
+    assert described["export_s"] > 0 and described["threads"] == 1 and described["load_threads"] is None
+
+
+def test_one_session_whatever_the_core_share(tmp_path):
+    runtime = build_onnx_runtime(tiny_net(), torch.zeros(1, 3, 8, 8), cache_key_parts=PARTS, cache_dir=None,
+                                 threads=2)
+    threads = torch.get_num_threads()
+    try:
+        for share in (1, 2):
+            torch.set_num_threads(share)
+            assert torch.allclose(runtime.forward(torch.ones(1, 3, 8, 8)), torch.full((1, 3), 3.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(runtime._sessions) == {2}
 
 
 def test_resnet18_matches_eager(tmp_path):
     torch.manual_seed(0)
     module = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     runtime = build_onnx_runtime(module, torch.zeros(1, 3, 64, 64), cache_key_parts=PARTS, cache_dir=tmp_path,
-                                 threads=2)
+                                 threads=2, load_threads=1)
     batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         eager = module(batch)
-    for threads in (1, 2):  # the single-threaded session and the all-cores one
+    threads = torch.get_num_threads()
+    try:
+        for share in (1, 2):  # CoreShare's share of the cores: the single-threaded session, the 2-thread one
+            torch.set_num_threads(share)
+            assert compare_outputs(eager, runtime.forward(batch), "classify") is None
+    finally:
         torch.set_num_threads(threads)
-        assert compare_outputs(eager, runtime.forward(batch), "classify") is None
     assert set(runtime._sessions) == {1, 2}
+    assert runtime.describe()["threads"] == 2 and runtime.describe()["load_threads"] == 1
 
 
 def test_an_op_without_onnx_form_is_a_reason(tmp_path):
@@ -102,6 +120,8 @@ def test_a_traced_in_branch_fails_the_check(tmp_path):
         build_onnx_runtime(Branchy(), torch.zeros(1, 3, 4, 4), cache_key_parts=PARTS, cache_dir=None)
     assert caught.value.message.startswith("ONNX output differs from eager (classify rule): on a random batch of 3 ")
     assert "max |Δp|" in caught.value.message
+    assert "(the exporter warned: Converting a tensor to a Python boolean might cause the trace to be incorrect" in (
+        caught.value.message)
 
 
 def test_segmentation_with_any_height_and_width(tmp_path):
@@ -235,10 +255,11 @@ def test_bad_onnx_file(tmp_path, content, message):
 
 FORK_SCRIPT = textwrap.dedent("""
     import json, os, sys, tempfile, time
-    import numpy as np, torch, torchvision
+    import numpy as np, torch
+    from models.tiny import TinyCNN
     from serve.runtimes.onnx import build_onnx_runtime
     torch.manual_seed(0)
-    module = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    module = TinyCNN(num_classes=10).eval()
     runtime = build_onnx_runtime(module, torch.zeros(1, 3, 64, 64), cache_key_parts={}, cache_dir=None, threads=2)
     if sys.argv[1] == "parent_first":
         runtime.forward(torch.zeros(1, 3, 64, 64))  # a session (and its threads) in the parent

@@ -45,15 +45,16 @@ through a pipe and leaves with os._exit, and forward_isolated does the same for 
 made lazily in the process that runs them (os.getpid() checked on every forward); the serialized model
 stays in the parent's memory and the workers share its pages copy-on-write.
 
-Threads: a session's intra-op pool is fixed when it is made, so a worker has up to two: `threads`
-threads (every core: a lone request's latency) and one thread (throughput under load: no
-oversubscription), picked per batch from torch.get_num_threads(), which serve/cores.py CoreShare sets
-before each batch: all of them -> the big session, fewer -> the single-threaded one. Intra-op threads
-don't spin after a run (spinning cost resnet18 54 ms of CPU per b1 request instead of 39 ms, at the
-same latency), as OpenMP's spin-waiting is avoided in serve/cores.py. Each session holds its own copy
-of the optimized weights (sharing them through add_external_initializers saved nothing measurable:
-ONNX Runtime's graph optimizations make new ones): the second session costs about 60 MB for
-EfficientNet-Lite0 and 90 MB for resnet18, only made once a batch asks for it.
+Threads: a session's intra-op pool is fixed when it is made. By default a worker has one session
+with `threads` threads (every core), whatever CoreShare (serve/cores.py) sets torch to: its threads
+don't spin after a run (session.intra_op.allow_spinning=0; spinning cost resnet18 54 ms of CPU per
+b1 request instead of 39 ms, at the same latency), so workers x threads > cores costs little. Measured
+on 2 cores, two processes running b1 forwards at once did as well with 2-thread sessions as with
+single-threaded ones (EfficientNet-Lite0 192 against 186 img/s, resnet18 55 against 44; bench/runtimes.py).
+With load_threads set, a batch that CoreShare gives fewer than `threads` threads runs on a second,
+load_threads-thread session instead. Each session holds its own copy of the optimized weights (sharing
+them through add_external_initializers saved nothing measurable: ONNX Runtime's graph optimizations
+make new ones): a second session costs about 60 MB RSS for EfficientNet-Lite0 and 100 MB for resnet18.
 
 GPU: device cuda uses CUDAExecutionProvider when the installed onnxruntime has it (the onnxruntime-gpu
 wheel); otherwise ExportError says so and the model runs eagerly.
@@ -309,13 +310,17 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, model: bytes | Path, layout: Mapping, *, device: torch.device = torch.device("cpu"),
-                 threads: int = 1, info: Mapping[str, Any] | None = None, input_name: str = INPUT_NAME):
-        """model: serialized ONNX (kept here, shared copy-on-write by forked workers) or a file's path."""
+                 threads: int = 1, load_threads: int | None = None, info: Mapping[str, Any] | None = None,
+                 input_name: str = INPUT_NAME):
+        """model: serialized ONNX (kept here, shared copy-on-write by forked workers) or a file's path.
+        threads: the session's intra-op threads; load_threads: a second session's, used while
+        torch.get_num_threads() (CoreShare's share of the cores) is below threads; None: no second session."""
         self.model = model
         self.input_name = input_name
         self.layout = dict(layout)
         self.device = torch.device(device)
         self.threads = max(1, threads)
+        self.load_threads = load_threads if load_threads and load_threads < self.threads else None
         self.info = dict(info or {})
         self._sessions: dict[int, Any] = {}
         self._pid: int | None = None
@@ -338,7 +343,8 @@ class OnnxRuntime:
         Raises:
             ExportError: ONNX Runtime can't open the model here.
         """
-        threads = self.threads if torch.get_num_threads() >= self.threads else 1
+        shared = self.load_threads is not None and torch.get_num_threads() < self.threads
+        threads = self.load_threads if shared else self.threads
         return self._rebuild(self.run_numpy([_as_array(x) for x in _images(batch, self.per_image)], threads))
 
     def forward_isolated(self, *batches: torch.Tensor | Sequence[torch.Tensor]) -> list[Any]:
@@ -410,7 +416,8 @@ class OnnxRuntime:
             "cache": self.info.get("cache", "disabled"),
             "cache_note": self.info.get("cache_note"),
             "providers": self.providers,
-            "threads": sorted({1, self.threads}),
+            "threads": self.threads,
+            "load_threads": self.load_threads,
         }
 
 
@@ -491,13 +498,14 @@ def _in_child(work) -> list[list[np.ndarray]]:
 
 def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_parts: Mapping[str, Any],
                        cache_dir: Path | None, rule: str | None = "classify", dynamic_hw: bool = False,
-                       device: torch.device | str = "cpu", threads: int | None = None, exporter: str = "auto",
+                       device: torch.device | str = "cpu", threads: int | None = None,
+                       load_threads: int | None = None, exporter: str = "auto",
                        score_threshold: float = 0.5) -> OnnxRuntime:
     """Export module (or take its cached export), check it against eager with `rule`, return the runtime.
 
     sample: a float32 batch [N, C, H, W] as forward will get (the shape is part of the cache key).
     cache_key_parts: what identifies the weights and the model (checkpoint sha256, architecture,
-    kwargs, task). threads: the big session's intra-op threads (default: the cores available).
+    kwargs, task). threads, load_threads: see OnnxRuntime (threads defaults to the cores available).
     rule: a compare_outputs rule, or None to skip the check.
 
     Raises:
@@ -535,10 +543,9 @@ def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_par
     if data is None:
         started = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad():  # tracing needs ordinary tensors
-            raw, used, traced = export_onnx(module, sample.cpu() if device.type != "cpu" else sample, layout,
-                                            dynamic_hw=dynamic_hw, exporter=exporter)
+            raw, used, traced = export_onnx(module, sample, layout, dynamic_hw=dynamic_hw, exporter=exporter)
         data = _with_metadata(raw, {KEY_PROP: key, LAYOUT_PROP: json.dumps(layout), EXPORTER_PROP: used})
-        info.update(export_s=round(time.perf_counter() - started, 3), exporter=used, trace_warnings=len(traced))
+        info.update(export_s=round(time.perf_counter() - started, 3), exporter=used, trace_warnings=traced)
         if cache_dir is not None:
             problem = write_cached(Path(cache_dir), key, data, parts)
             if problem is None:
@@ -546,13 +553,16 @@ def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_par
             else:
                 log.warning("ONNX cache directory can't be written: %s; the export is kept in memory only", problem)
                 info.update(cache="unwritable", cache_note=f"not written: {problem}")
-    runtime = OnnxRuntime(data, layout, device=device, threads=threads or available_cores(), info=info)
+    runtime = OnnxRuntime(data, layout, device=device, threads=threads or available_cores(),
+                          load_threads=load_threads, info=info)
     if rule is not None:
         started = time.perf_counter()
         reason = verify(runtime, module, sample, rule, dynamic_hw=dynamic_hw, score_threshold=score_threshold)
         runtime.info["verify_s"] = round(time.perf_counter() - started, 3)
         if reason is not None:
-            raise ExportError(f"ONNX output differs from eager ({rule} rule): {reason}")
+            warned = info.get("trace_warnings")
+            hint = f" (the exporter warned: {warned[0]})" if warned else ""
+            raise ExportError(f"ONNX output differs from eager ({rule} rule): {reason}{hint}")
     return runtime
 
 
@@ -593,7 +603,8 @@ def verify(runtime: OnnxRuntime, module: nn.Module, sample: torch.Tensor, rule: 
     return None
 
 
-def open_onnx_file(path: Path, device: torch.device | str = "cpu", threads: int | None = None) -> OnnxRuntime:
+def open_onnx_file(path: Path, device: torch.device | str = "cpu", threads: int | None = None,
+                   load_threads: int | None = None) -> OnnxRuntime:
     """An .onnx file served directly; external data files must lie beside it (or below its folder).
 
     The file is checked here without onnxruntime (it is opened by the process that runs it): it parses,
@@ -629,7 +640,7 @@ def open_onnx_file(path: Path, device: torch.device | str = "cpu", threads: int 
     layout = json.loads(props[LAYOUT_PROP]) if LAYOUT_PROP in props else (
         {"kind": "tensor"} if len(model.graph.output) == 1 else {"kind": "tuple", "n": len(model.graph.output)})
     return OnnxRuntime(path, layout, device=torch.device(device), threads=threads or available_cores(),
-                       info={"cache": "file"}, input_name=inputs[0])
+                       load_threads=load_threads, info={"cache": "file"}, input_name=inputs[0])
 
 
 # ---- verification rules ----
