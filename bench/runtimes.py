@@ -5,7 +5,7 @@
 
 For EfficientNet-Lite0 (the default model, its pretrained weights) and resnet18 (seeded random weights):
   forward    in-process forward latency at batch 1 and 4 with every core, and batch 1 on one thread
-             (ONNX Runtime's single-threaded session), eager and ONNX Runtime interleaved
+             (ONNX Runtime's single-threaded session), eager and ONNX Runtime taking turns forward by forward
   photo      decode -> resize/crop -> normalize -> forward -> top-5 of the cat photo (skimage's chelsea,
              a JPEG), one image at a time, images/s
   memory     RSS of a fresh process after loading and running b1 and b4: eager alone, eager plus an ONNX
@@ -68,13 +68,17 @@ def build(name: str, module, cache_dir: Path | None):
                               cache_key_parts={"model": name, "weights": "packaged" if name != "resnet18" else "seed 0"})
 
 
-def median_ms(fn, reps: int) -> float:
-    times = []
+def paired_ms(runners: dict, x: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median ms of each runner on x, the runners taking turns forward by forward (drift hits all alike)."""
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for fn in runners.values():
+        fn(x)  # warm: sessions made, buffers allocated
     for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        for label, fn in runners.items():
+            started = time.perf_counter()
+            fn(x)
+            times[label].append((time.perf_counter() - started) * 1000)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def cat_jpeg() -> bytes:
@@ -130,11 +134,10 @@ def in_process(args) -> dict:
             for batch_size, threads in ((1, CORES), (4, CORES), (1, 1)):
                 x = torch.randn(batch_size, 3, 224, 224)
                 torch.set_num_threads(threads)  # 1: ONNX Runtime's single-threaded session, as CoreShare picks
-                for label, fn in runners.items():
-                    with torch.inference_mode():
-                        fn(x)  # warm
-                        what = f"b{batch_size} ms" + (" 1 thread" if threads == 1 else "")
-                        rows[(label, what)].append(median_ms(lambda: fn(x), args.reps))
+                what = f"b{batch_size} ms" + (" 1 thread" if threads == 1 else "")
+                with torch.inference_mode():
+                    for label, ms in paired_ms(runners, x, args.reps).items():
+                        rows[(label, what)].append(ms)
                 torch.set_num_threads(CORES)
             for label, fn in runners.items():
                 rows[(label, "photo img/s")].append(images_per_s(lambda: classify_photo(jpeg, fn, norm), args.seconds))
