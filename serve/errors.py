@@ -41,6 +41,13 @@ class DeviceError(ServeError):
     code = "device_error"
 
 
+class ExportError(ServeError):
+    """A model could not be exported to, verified in or opened by ONNX Runtime; the message is the
+    reason, and the server runs the model eagerly instead (or refuses an .onnx checkpoint)."""
+
+    code = "export_error"
+
+
 class InvalidRequestError(ServeError):
     status = 400
     code = "invalid_request"
