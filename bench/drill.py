@@ -124,7 +124,8 @@ def write_model_config(folder: Path, delay_ms: float) -> Path:
 
     torch.save(tiny_net().state_dict(), folder / "slow.pth")
     spec = tiny_model_config(Path("slow.pth"), name="slow", architecture="models.tiny:SlowNet",
-                             kwargs={"num_classes": 3, "delay_ms": delay_ms})
+                             kwargs={"num_classes": 3, "delay_ms": delay_ms},
+                             runtime="eager")  # its sleep is Python: an ONNX export would leave it out
     config = folder / "models.yaml"
     config.write_text(yaml.safe_dump({"models": [spec]}))
     return config

@@ -93,7 +93,7 @@ def main() -> None:
         torch.manual_seed(0)
         net = torchvision.models.get_model(arch, weights=None, weights_backbone=None, **kwargs)
         torch.save(net.state_dict(), folder / f"{name}.pth")
-        specs.append({"name": name, "task": task, "architecture": arch, "kwargs": {"weights_backbone": None, **kwargs},
+        specs.append({"name": name, "task": task, "runtime": "eager", "architecture": arch, "kwargs": {"weights_backbone": None, **kwargs},
                       "checkpoint": str(folder / f"{name}.pth"), "device": "cpu",
                       **({"preprocess": {"resize": 520, "crop": 224}} if task == "segment" else {})})
     config = write_config(folder, specs)

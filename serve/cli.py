@@ -124,10 +124,20 @@ def run_check(args: argparse.Namespace) -> int:
         meta = predictor.metadata()
         print(
             f"{meta['name']}: ok, {predictor.task.summary()}, {meta['architecture']} on {meta['device']}, "
-            f"runtime {meta['runtime']['name']}, {meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
+            f"runtime {_runtime_line(meta['runtime'])}, {meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
         )
     registry.close()
     return 0
+
+
+def _runtime_line(runtime: dict) -> str:
+    """The runtime serving, with its export time and cache, or why it fell back to eager."""
+    if runtime.get("fallback_reason"):
+        return f"{runtime['name']} ({runtime['requested']} fell back: {runtime['fallback_reason']})"
+    if runtime["name"] == runtime["requested"] or runtime.get("cache") is None:
+        return runtime["name"]
+    export = f"exported in {runtime['export_s']}s" if runtime.get("export_s") is not None else "no export"
+    return f"{runtime['name']} ({export}, cache {runtime.get('cache')}, checked in {runtime.get('verify_s')}s)"
 
 
 def run_predict(args: argparse.Namespace) -> int:

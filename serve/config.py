@@ -98,6 +98,9 @@ class ModelSpec(_Frozen):
     # What goes in and what comes out (serve/tasks): the task's own fields sit under its name, e.g.
     # `task: embed` with `embed: {node: avgpool}`; task_options holds them, validated by the task.
     task: str = Field("classify", description="classify, detect, segment or embed")
+    # What runs the forward (serve/runtimes): auto exports to ONNX at start-up, checks it against eager
+    # and serves it only if they agree; onnxruntime fails start-up instead of falling back.
+    runtime: Literal["auto", "eager", "onnxruntime"] = "auto"
     task_options: Any = None
     response_format: Literal["json", "torchserve"] = Field(
         "json", description="the default answer shape; torchserve: that of TorchServe's default handlers")
@@ -154,6 +157,8 @@ class ServerSettings(_Frozen):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="the server's own logs; access lines are always JSON")
     enable_management: bool = Field(False, description="serve POST /models/<name>/reload")
+    onnx_cache_dir: Path | None = Field(None, description="where ONNX exports are cached (build_config's default: "
+                                        "$XDG_CACHE_HOME/torch-serve/onnx or ~/.cache/torch-serve/onnx); None: no cache")
     api_keys_file: Path | None = Field(None, description="API keys and their scopes (serve/auth.py), re-read when the file changes")
     api_keys: SecretStr | None = Field(None, description="the same document as text (SERVE_API_KEYS), fixed until restart")
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: the server speaks HTTPS only")
@@ -213,6 +218,7 @@ SERVER_ENV = {
     "SERVE_LOG_LEVEL": "log_level",
     "SERVE_LOG_FORMAT": "log_format",
     "SERVE_ENABLE_MANAGEMENT": "enable_management",
+    "SERVE_ONNX_CACHE_DIR": "onnx_cache_dir",
     "SERVE_API_KEYS_FILE": "api_keys_file",
     "SERVE_API_KEYS": "api_keys",
     "SERVE_TLS_CERT_FILE": "tls_cert_file",
@@ -222,7 +228,7 @@ SERVER_ENV = {
 }
 # Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
 # are), relative to the working directory when the environment does.
-SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file")
+SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file", "onnx_cache_dir")
 # Never echoed in an error message: the value may hold keys.
 SECRET_FIELDS = ("api_keys",)
 
@@ -271,10 +277,15 @@ def build_config(
     if isinstance(raw_models, list):
         data["models"] = [_resolve_model(m, i, base, env) for i, m in enumerate(raw_models)]
     server = dict(data.get("server") or {})
+    off = str(server.get("onnx_cache_dir", "")).lower() == "off"
     for field in SERVER_PATH_FIELDS:
-        if isinstance(server.get(field), str):
+        if isinstance(server.get(field), str) and not (off and field == "onnx_cache_dir"):
             server[field] = (base / Path(server[field]).expanduser()).resolve()
     server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
+    off = str(server.get("onnx_cache_dir", "")).lower() == "off"
+    if off or server.get("onnx_cache_dir") is None:
+        cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+        server["onnx_cache_dir"] = None if off else cache_home / "torch-serve" / "onnx"
     data["server"] = server
     data["source"] = source
     try:

@@ -135,6 +135,14 @@ def post_fork(server, worker):
     server.log.info("worker %s: torch threads %s, preload=%s", worker.pid, threads_note, preload_app)
 
 
+def post_worker_init(worker):
+    # ONNX Runtime sessions are made in the process that runs them: each worker starts its own here,
+    # before it accepts a connection, so no request pays for it.
+    registry = getattr(worker.wsgi, "extensions", {}).get("serve")
+    if registry is not None:
+        registry.warm_runtimes()
+
+
 def when_ready(server):
     hosts = [address[0] for address in server.cfg.address if isinstance(address, tuple)]
     warning = exposure_warning(_server, hosts)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from serve.config import ModelSpec
-from serve.errors import CheckpointError, ConfigError, DeviceError
+from serve.errors import CheckpointError, ConfigError, DeviceError, ExportError
 from serve.formats import safe_globals, training
 from serve.formats.packaged import Implied, open_model
 from serve.formats.timm_folder import TIMM_SCHEME, is_model_folder, weights_file
@@ -41,6 +41,7 @@ class LoadedModel:
     load_time_s: float
     skipped_keys: tuple[str, ...] = ()
     implied: Implied | None = None  # what a self-contained checkpoint says (task, labels, preprocess)
+    runtime: Any = None  # a file only its own runtime runs (an .onnx checkpoint: its OnnxRuntime); module is None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -365,6 +366,16 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         digest = file_sha256(path)
         if spec.sha256 and digest != spec.sha256.lower():
             raise CheckpointError(f"checkpoint {path} sha256 is {digest}, config expects {spec.sha256}")
+        if path.suffix.lower() == ".onnx":  # an ONNX model needs no class: ONNX Runtime runs it as it is
+            from serve.runtimes.onnx import open_onnx_file
+
+            try:
+                runtime = open_onnx_file(path, device)
+            except ExportError as exc:
+                raise CheckpointError(exc.message) from None
+            elapsed = time.perf_counter() - started
+            log.info("model '%s' opened from %s (ONNX) in %.2fs", spec.name, path.name, elapsed)
+            return LoadedModel(None, device, "ONNX model", digest, elapsed, runtime=runtime)
         # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats/packaged.py).
         opened = open_model(spec, device)
         implied = opened.implied if opened is not None else None

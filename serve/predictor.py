@@ -1,14 +1,16 @@
 """Predictor: one served model = its loaded checkpoint, its task and its runtime; bytes in, outputs out."""
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from serve.config import ModelSpec
 from serve.cores import SMALL_FORWARD_MS
-from serve.errors import CheckpointError, ConfigError
+from serve.errors import CheckpointError, ConfigError, ExportError
 from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
 from serve.preprocess import draft, load_image, open_image, upright_size
@@ -16,24 +18,39 @@ from serve.runtimes import RUNTIMES
 from serve.tasks import TASKS
 from serve.tasks.base import Prepared, describe_output
 
+log = logging.getLogger(__name__)
+
 
 class Predictor:
     """A model's three parts: the loaded checkpoint, the task (what goes in and out), the runtime (the forward)."""
 
-    def __init__(self, spec: ModelSpec, loaded: LoadedModel, labels: tuple[str, ...] | None, pixels: PixelBudget):
+    def __init__(self, spec: ModelSpec, loaded: LoadedModel, labels: tuple[str, ...] | None, pixels: PixelBudget,
+                 onnx_cache_dir: Path | None = None):
         """`pixels`: the process's decode budget, shared by its models; its limit is also the largest
-        image accepted."""
+        image accepted. `onnx_cache_dir`: where runtime auto/onnxruntime keeps its exports (None: none)."""
         self.spec = spec
         self.loaded = loaded
         self.labels = labels
         self.pixels = pixels
+        self.onnx_cache_dir = onnx_cache_dir
         self.task = TASKS[spec.task](spec, labels, loaded.device)
         if spec.response_format not in self.task.formats:
             raise ConfigError(f"model '{spec.name}': field 'response_format': task '{spec.task}' answers "
                               f"{list(self.task.formats)}, not '{spec.response_format}'")
-        module = self.task.adapt(loaded.module)
-        self.runtime = RUNTIMES["eager"](module, loaded.device, spec.half, spec.channels_last)
-        self.forward_ms: float | None = None  # batch-1 CPU forward on one thread, timed at warm-up
+        self.runtime_note: str | None = None  # why the runtime serving is not the one asked for
+        if loaded.runtime is not None:  # a file only its own runtime runs (an .onnx checkpoint)
+            if spec.runtime == "eager":
+                raise ConfigError(f"model '{spec.name}': field 'runtime': {spec.checkpoint.name} runs on "
+                                  f"{loaded.runtime.name} only, not eager")
+            if self.task.needs_module():
+                raise ConfigError(f"model '{spec.name}': task '{spec.task}': its options need the PyTorch "
+                                  f"module, which {spec.checkpoint.name} doesn't have")
+            self.module, self.eager, self.runtime = None, None, loaded.runtime
+        else:
+            self.module = self.task.adapt(loaded.module)
+            self.eager = RUNTIMES["eager"](self.module, loaded.device, spec.half, spec.channels_last)
+            self.runtime = self.eager
+        self.forward_ms: float | None = None  # batch-1 CPU eager forward on one thread, timed at warm-up
 
     @property
     def name(self) -> str:
@@ -44,27 +61,77 @@ class Predictor:
         return self.task.input_shape
 
     def warm_up(self) -> None:
-        """Forward one blank image, let the task check the output fits it (and learn its size).
+        """Forward one blank image, let the task check the output fits it (and learn its size), then
+        choose the runtime (runtime auto: ONNX Runtime where its export agrees with eager).
 
         Call it on the thread that runs predict_batch: even building the blank input starts an OpenMP
-        thread team on the calling thread.
+        thread team on the calling thread. ONNX Runtime itself is never started in this process here
+        (it may be the gunicorn master, whose forked workers it would hang): its checks run in a child.
 
         Raises:
-            CheckpointError: the output doesn't fit the task (naming the model, the task and the shape).
+            CheckpointError: the output doesn't fit the task (naming the model, the task and the shape),
+                or runtime onnxruntime was asked for and can't serve the model.
             ConfigError: the labels don't match the output.
         """
         blank = self.task.blank()
         model_input = self.task.collate([blank])
         with torch.inference_mode():
             try:
-                output = self.runtime.forward(model_input)
+                output = (self.eager.forward(model_input) if self.eager is not None
+                          else self.runtime.forward_isolated(model_input)[0])
             except Exception as exc:  # the user's forward on the task's input: any failure stops start-up
                 raise CheckpointError(
                     f"model '{self.spec.name}': task '{self.task.name}': the model's forward failed on "
                     f"{describe_output(model_input)}: {type(exc).__name__}: {str(exc)[:300]}") from None
         self.task.check(output)
-        if self.loaded.device.type == "cpu":
+        if self.eager is not None and self.spec.runtime != "eager":
+            self._choose_runtime(model_input)
+        if self.eager is not None and self.loaded.device.type == "cpu":
             self.forward_ms = self._time_forward(blank)
+
+    def _choose_runtime(self, model_input: Any) -> None:
+        """ONNX Runtime where the export (or its cached copy) answers as eager does; else eager, with the reason.
+
+        Raises:
+            CheckpointError: runtime onnxruntime was asked for and can't serve the model.
+        """
+        from serve.runtimes.onnx import build_onnx_runtime
+
+        spec = self.spec
+        sample = model_input if isinstance(model_input, torch.Tensor) else torch.stack(list(model_input))
+        reason = None
+        if spec.half or spec.channels_last:
+            reason = "half and channels_last are eager PyTorch settings"
+        elif spec.runtime == "auto" and not self.task.auto_export:
+            reason = f"runtime auto leaves task '{self.task.name}' on eager PyTorch (ask for runtime: onnxruntime)"
+        else:
+            try:
+                self.runtime = build_onnx_runtime(
+                    self.module, sample, rule=self.task.runtime_rule, dynamic_hw=not self.task.fixed_size,
+                    cache_dir=self.onnx_cache_dir, device=self.loaded.device,
+                    score_threshold=0.0,  # every detection must agree, not only those above a threshold
+                    cache_key_parts={"sha256": self.loaded.sha256, "architecture": spec.architecture,
+                                     "kwargs": spec.kwargs, "task": spec.task,
+                                     "task_options": self.task.options.model_dump()})
+            except ExportError as exc:
+                reason = exc.message
+        if reason is None:
+            described = self.runtime.describe()
+            log.info("model '%s': serving ONNX Runtime (export %s s, cache %s)", spec.name,
+                     described.get("export_s"), described.get("cache"))
+            return
+        if spec.runtime == "onnxruntime":
+            raise CheckpointError(f"model '{spec.name}': field 'runtime': onnxruntime can't serve it: {reason}")
+        self.runtime_note = reason
+        chose = spec.runtime == "auto" and not self.task.auto_export  # a policy, not a failure
+        log.log(logging.INFO if chose else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
+                spec.name, reason)
+
+    def warm_runtime(self) -> None:
+        """Start the runtime in this process (a forked worker's ONNX Runtime session) before any request
+        needs it: one blank batch on the thread that runs predict_batch."""
+        if self.runtime is not self.eager:
+            self.predict_batch([self.task.blank()])
 
     def _time_forward(self, blank: torch.Tensor, runs: int = 5) -> float:
         """The fastest batch-1 forward on one torch thread, in ms of this thread's CPU time (so other
@@ -76,7 +143,7 @@ class Predictor:
             times: list[float] = []
             for _ in range(runs):
                 started = time.thread_time()
-                self.predict_batch([blank])
+                self.task.run(self.eager.forward, [blank])
                 times.append((time.thread_time() - started) * 1000)
                 if times[-1] > 10 * SMALL_FORWARD_MS or (len(times) >= 2 and min(times) > 2 * SMALL_FORWARD_MS):
                     break
@@ -119,13 +186,19 @@ class Predictor:
         with torch.inference_mode():
             return self.task.run_float(self.runtime.forward, inputs)
 
+    def describe_runtime(self) -> dict[str, Any]:
+        """The runtime serving, what was asked for and, after a fallback to eager, why."""
+        described = {k: v for k, v in self.runtime.describe().items() if k not in ("name", "runtime")}
+        return {"name": self.runtime.name, "requested": self.spec.runtime, **described,
+                "fallback_reason": self.runtime_note}
+
     def metadata(self) -> dict:
         spec, pre = self.spec, self.spec.preprocess
         task = self.task.metadata()
         return {
             "name": spec.name,
             "task": task,
-            "runtime": self.runtime.describe(),
+            "runtime": self.describe_runtime(),
             "architecture": spec.architecture or "whole-model pickle",
             "device": str(self.loaded.device),
             "ready": True,  # a model is served only once loaded and warm (Registry._build_and_install)

@@ -74,7 +74,7 @@ class Registry:
         between batches, so no batch ever sees a half-installed model."""
         loaded = load_model(spec)
         spec = apply_implied(spec, loaded.implied)  # an archive's task, labels, preprocess, where the config is silent
-        predictor = Predictor(spec, loaded, load_labels(spec), self.pixels)
+        predictor = Predictor(spec, loaded, load_labels(spec), self.pixels, self.config.server.onnx_cache_dir)
         predictor.warm_up()
         if self.cores is not None and predictor.single_threaded(1):
             log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches under %.0f ms run "
@@ -131,6 +131,12 @@ class Registry:
         except ServeError as exc:
             raise ReloadFailedError(f"reload failed, still serving the previous weights: {exc.message}") from None
         return self.predictors[name]
+
+    def warm_runtimes(self) -> None:
+        """Start every model's runtime in this process (ONNX Runtime sessions are made per process,
+        after gunicorn's fork): gunicorn_conf's post_worker_init calls it before the worker takes a request."""
+        for predictor in list(self.predictors.values()):
+            self.batcher.call(predictor.warm_runtime).result()
 
     @property
     def default_name(self) -> str:

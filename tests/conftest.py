@@ -36,6 +36,8 @@ def tiny_model_config(checkpoint: Path, **overrides) -> dict:
         "labels": LABELS,
         "topk": 3,
         "preprocess": {"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        # Tests of the request path hook into the eager module; runtime auto has its own tests.
+        "runtime": "eager",
     }
     spec.update(overrides)
     return spec

@@ -235,7 +235,7 @@ def test_request_deadline_answers_503(make_app):
 def test_request_deadline_covers_all_its_images(tiny_checkpoint, make_app):
     """One deadline per request: two images in batches of one, 200 ms each, miss a 300 ms deadline
     although each image alone would make it."""
-    slow = tiny_model_config(tiny_checkpoint, architecture="models.tiny:SlowNet", kwargs={"delay_ms": 200},
+    slow = tiny_model_config(tiny_checkpoint, architecture="models.tiny:SlowNet", kwargs={"delay_ms": 200}, runtime="eager",
                              max_batch_size=1)
     app = make_app(slow, request_timeout_s=0.3)
     files = {"a": (io.BytesIO(image_bytes()), "a.png"), "b": (io.BytesIO(image_bytes()), "b.png")}

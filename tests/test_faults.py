@@ -19,7 +19,8 @@ IMAGE = image_bytes((0, 255, 0))
 def slow_config(folder: Path, delay_ms: float, max_batch_size: int = 4, **server) -> Path:
     torch.save(tiny_net().state_dict(), folder / "slow.pth")
     spec = tiny_model_config(Path("slow.pth"), name="slow", architecture="models.tiny:SlowNet",
-                             kwargs={"num_classes": 3, "delay_ms": delay_ms}, max_batch_size=max_batch_size)
+                             kwargs={"num_classes": 3, "delay_ms": delay_ms}, max_batch_size=max_batch_size,
+                             runtime="eager")  # its sleep is Python: an ONNX export would leave it out
     return write_config(folder, [spec], **server)
 
 

@@ -166,7 +166,7 @@ def task_server(tmp_path_factory):
         torch.manual_seed(0)
         net = torchvision.models.get_model(arch, weights=None, weights_backbone=None, **kwargs)
         torch.save(net.state_dict(), folder / f"{name}.pth")
-        models.append({"name": name, "task": task, "architecture": arch, "kwargs": {"weights_backbone": None, **kwargs},
+        models.append({"name": name, "task": task, "runtime": "eager", "architecture": arch, "kwargs": {"weights_backbone": None, **kwargs},
                        "checkpoint": str(folder / f"{name}.pth"), "device": "cpu"})
     config = write_config(folder, models)
     server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": str(WORKERS)}, folder / "gunicorn.log",

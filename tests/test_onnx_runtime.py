@@ -98,7 +98,7 @@ def test_resnet18_matches_eager(tmp_path):
     try:
         for share in (1, 2):  # CoreShare's share of the cores: the single-threaded session, the 2-thread one
             torch.set_num_threads(share)
-            assert compare_outputs(eager, runtime.forward(batch), "classify") is None
+            assert compare_outputs(eager, runtime.forward(batch), "probabilities") is None
     finally:
         torch.set_num_threads(threads)
     assert set(runtime._sessions) == {1, 2}
@@ -118,7 +118,7 @@ def test_a_traced_in_branch_fails_the_check(tmp_path):
     # The zero sample takes the "* -3" branch; the random check batch has values above 1.
     with pytest.raises(ExportError) as caught:
         build_onnx_runtime(Branchy(), torch.zeros(1, 3, 4, 4), cache_key_parts=PARTS, cache_dir=None)
-    assert caught.value.message.startswith("ONNX output differs from eager (classify rule): on a random batch of 3 ")
+    assert caught.value.message.startswith("ONNX output differs from eager (probabilities rule): on a random batch of 3 ")
     assert "max |Δp|" in caught.value.message
     assert "(the exporter warned: Converting a tensor to a Python boolean might cause the trace to be incorrect" in (
         caught.value.message)
@@ -128,12 +128,12 @@ def test_segmentation_with_any_height_and_width(tmp_path):
     torch.manual_seed(0)
     module = SegNet().eval()
     runtime = build_onnx_runtime(module, torch.zeros(1, 3, 16, 16), cache_key_parts=PARTS, cache_dir=tmp_path,
-                                 rule="segment", dynamic_hw=True)
+                                 rule="class_map", dynamic_hw=True)
     batch = torch.randn(2, 3, 20, 28)
     out = runtime.forward(batch)
     assert set(out) == {"out"} and out["out"].shape == (2, 4, 20, 28)
     with torch.inference_mode():
-        assert compare_outputs(module(batch), out, "segment") is None
+        assert compare_outputs(module(batch), out, "class_map") is None
 
 
 def test_warm_cache_is_used_without_exporting(tmp_path):
@@ -233,7 +233,7 @@ def test_onnx_file_with_external_data(tmp_path):
     runtime = open_onnx_file(folder / "resnet.onnx", threads=1)
     batch = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
-        assert compare_outputs(module(batch), runtime.forward(batch), "classify") is None
+        assert compare_outputs(module(batch), runtime.forward(batch), "probabilities") is None
     assert runtime.describe()["cache"] == "file" and runtime.describe()["export_s"] is None
 
     (folder / "resnet.weights").rename(tmp_path / "elsewhere")
@@ -307,18 +307,18 @@ def probs(rows):
 
 
 @pytest.mark.parametrize("eager, onnx_out, rule, reason", [
-    (probs([[0.7, 0.2, 0.1]]), probs([[0.7, 0.2, 0.1]]), "classify", None),
-    (probs([[0.7, 0.2, 0.1]]), probs([[0.6999, 0.2001, 0.1]]), "classify", "max |Δp| 1.0e-04 > 0.0001 (image 0, class 0)"),
-    (probs([[0.5, 0.3, 0.2]]), probs([[0.5, 0.29996, 0.20004]]), "classify", None),
+    (probs([[0.7, 0.2, 0.1]]), probs([[0.7, 0.2, 0.1]]), "probabilities", None),
+    (probs([[0.7, 0.2, 0.1]]), probs([[0.6999, 0.2001, 0.1]]), "probabilities", "max |Δp| 1.0e-04 > 0.0001 (image 0, class 0)"),
+    (probs([[0.5, 0.3, 0.2]]), probs([[0.5, 0.29996, 0.20004]]), "probabilities", None),
     (probs([[0.2, 0.3000001, 0.2999999, 0.1, 0.05, 0.05]]), probs([[0.2, 0.2999999, 0.3000001, 0.1, 0.05, 0.05]]),
-     "classify", None),  # a tie may swap
+     "probabilities", None),  # a tie may swap
     (probs([[0.3, 0.2, 0.15, 0.10002, 0.09998, 0.07, 0.05, 0.03]]),
-     probs([[0.3, 0.2, 0.15, 0.09998, 0.10002, 0.07, 0.05, 0.03]]), "classify",
+     probs([[0.3, 0.2, 0.15, 0.09998, 0.10002, 0.07, 0.05, 0.03]]), "probabilities",
      "top-5 differs for image 0: eager [0, 1, 2, 3, 4], ONNX [0, 1, 2, 4, 3]"),
-    (torch.ones(2, 3), torch.ones(2, 4), "classify", "output shape [2, 4] differs from eager [2, 3]"),
-    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0001]]), "embed", None),
-    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.001]]), "embed", "max |Δ| 1.0e-03 > 0.0001 x max |eager| = 2.0e-04"),
-    (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), "embed", "cosine similarity 0.000000 < 0.9999 (image 0)"),
+    (torch.ones(2, 3), torch.ones(2, 4), "probabilities", "output shape [2, 4] differs from eager [2, 3]"),
+    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0001]]), "vectors", None),
+    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.001]]), "vectors", "max |Δ| 1.0e-03 > 0.0001 x max |eager| = 2.0e-04"),
+    (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), "vectors", "cosine similarity 0.000000 < 0.9999 (image 0)"),
 ])
 def test_compare_outputs(eager, onnx_out, rule, reason):
     assert compare_outputs(eager, onnx_out, rule) == reason
@@ -329,9 +329,9 @@ def test_compare_segmentation():
     eager[:, 1] = 1.0
     onnx_out = eager.clone()
     onnx_out[0, 0, 0, :2] = 2.0  # 2 of 2000 pixels: 99.9 % agree, just enough
-    assert compare_outputs({"out": eager}, {"out": onnx_out}, "segment") is None
+    assert compare_outputs({"out": eager}, {"out": onnx_out}, "class_map") is None
     onnx_out[0, 0, 0, 2] = 2.0
-    assert compare_outputs({"out": eager}, {"out": onnx_out}, "segment") == (
+    assert compare_outputs({"out": eager}, {"out": onnx_out}, "class_map") == (
         "image 0: 99.85 % of pixels have the same argmax class (at least 99.9 % needed)")
 
 
@@ -351,7 +351,7 @@ def detections(*rows):
 ])
 def test_compare_detections(onnx_out, reason):
     eager = [detections((10, 10, 50, 50, 3, 0.9), (0, 0, 5, 5, 1, 0.6), (3, 3, 4, 4, 2, 0.2))]
-    assert compare_outputs(eager, [onnx_out], "detect") == reason
+    assert compare_outputs(eager, [onnx_out], "detections") == reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -309,9 +309,9 @@ def task_server(tmp_path_factory):
     torch.save(tiny_net().state_dict(), folder / "tiny.pth")
     plain = {"mean": [0, 0, 0], "std": [1, 1, 1]}
     config = write_config(folder, [
-        {"name": "boxes", "task": "detect", "architecture": "models.bright:BrightBoxDetector", "device": "cpu",
+        {"name": "boxes", "task": "detect", "runtime": "eager", "architecture": "models.bright:BrightBoxDetector", "device": "cpu",
          "checkpoint": str(folder / "detector.pth"), "labels": ["__background__", "bright"], "preprocess": plain},
-        {"name": "regions", "task": "segment", "architecture": "models.bright:BrightSegmenter", "device": "cpu",
+        {"name": "regions", "task": "segment", "runtime": "eager", "architecture": "models.bright:BrightSegmenter", "device": "cpu",
          "checkpoint": str(folder / "segmenter.pth"), "labels": ["dark", "bright"],
          "preprocess": {"resize": 320, "crop": 320, **plain}},
         {**tiny_model_config(folder / "tiny.pth"), "name": "colours", "task": "embed"},

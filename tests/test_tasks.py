@@ -63,13 +63,13 @@ def checkpoints(tmp_path_factory):
 
 
 def detector(checkpoints, **overrides) -> dict:
-    return {"name": "boxes", "task": "detect", "architecture": "models.bright:BrightBoxDetector",
+    return {"name": "boxes", "task": "detect", "runtime": "eager", "architecture": "models.bright:BrightBoxDetector",
             "checkpoint": str(checkpoints["detector"]), "device": "cpu", "labels": ["__background__", "bright"],
             "preprocess": PLAIN, "max_batch_size": 4, **overrides}
 
 
 def segmenter(checkpoints, **overrides) -> dict:
-    return {"name": "regions", "task": "segment", "architecture": "models.bright:BrightSegmenter",
+    return {"name": "regions", "task": "segment", "runtime": "eager", "architecture": "models.bright:BrightSegmenter",
             "checkpoint": str(checkpoints["segmenter"]), "device": "cpu", "labels": ["dark", "bright"],
             "preprocess": {"resize": 200, "crop": 200, **PLAIN}, **overrides}
 
@@ -225,7 +225,7 @@ def test_embed_an_inner_node_of_a_classifier(tmp_path, make_app, cat_jpeg):
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()
     torch.save(net.state_dict(), tmp_path / "r18.pth")
-    spec = {"name": "r18", "task": "embed", "architecture": "resnet18", "kwargs": {"num_classes": 10},
+    spec = {"name": "r18", "task": "embed", "runtime": "eager", "architecture": "resnet18", "kwargs": {"num_classes": 10},
             "checkpoint": str(tmp_path / "r18.pth"), "device": "cpu", "embed": {"node": "avgpool", "normalize": True}}
     answer = make_app(spec).test_client().post("/predictions/r18", data=cat_jpeg, content_type="image/jpeg").json
     pre = PreprocessSpec()

@@ -47,13 +47,13 @@ def served(tmp_path_factory):
     for name, kwargs in DETECTORS.items():
         models[name] = build(name, **kwargs)
         torch.save(models[name].state_dict(), folder / f"{name}.pth")
-        specs.append({"name": name, "task": "detect", "architecture": name,
+        specs.append({"name": name, "task": "detect", "runtime": "eager", "architecture": name,
                       "kwargs": {"weights_backbone": None, **kwargs}, "checkpoint": str(folder / f"{name}.pth"),
                       "device": "cpu", "labels": "torchvision:FasterRCNN_ResNet50_FPN_Weights.COCO_V1"})
     for name in SEGMENTERS:
         models[name] = build(name, num_classes=21)
         torch.save(models[name].state_dict(), folder / f"{name}.pth")
-        specs.append({"name": name, "task": "segment", "architecture": name,
+        specs.append({"name": name, "task": "segment", "runtime": "eager", "architecture": name,
                       "kwargs": {"weights_backbone": None, "num_classes": 21}, "checkpoint": str(folder / f"{name}.pth"),
                       "device": "cpu", "preprocess": {"resize": SEGMENT_SIDE, "crop": SEGMENT_SIDE, **IMAGENET}})
     app = create_app(build_config({"models": specs}))
@@ -119,9 +119,9 @@ def triton(tmp_path_factory):
     torch.save(tiny_net().state_dict(), folder / "tiny.pth")
     plain = {"mean": [0, 0, 0], "std": [1, 1, 1]}
     config = write_config(folder, [
-        {"name": "boxes", "task": "detect", "architecture": "models.bright:BrightBoxDetector",
+        {"name": "boxes", "task": "detect", "runtime": "eager", "architecture": "models.bright:BrightBoxDetector",
          "checkpoint": str(folder / "detector.pth"), "device": "cpu", "preprocess": plain},
-        {"name": "regions", "task": "segment", "architecture": "models.bright:BrightSegmenter",
+        {"name": "regions", "task": "segment", "runtime": "eager", "architecture": "models.bright:BrightSegmenter",
          "checkpoint": str(folder / "segmenter.pth"), "device": "cpu", "preprocess": {"resize": 40, "crop": 40, **plain}},
         {**tiny_model_config(folder / "tiny.pth"), "name": "colours", "task": "embed"},
     ])

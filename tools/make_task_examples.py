@@ -29,12 +29,12 @@ def main(folder: Path) -> None:
         colours.fc.bias.fill_(1.0)
     torch.save(colours.state_dict(), folder / "colours.pth")
     models = [
-        {"name": "boxes", "task": "detect", "architecture": "models.bright:BrightBoxDetector",
+        {"name": "boxes", "task": "detect", "runtime": "eager", "architecture": "models.bright:BrightBoxDetector",
          "checkpoint": "boxes.pth", "labels": ["__background__", "bright"], "preprocess": PLAIN,
          "detect": {"score_threshold": 0.5, "max_detections": 100}},
-        {"name": "regions", "task": "segment", "architecture": "models.bright:BrightSegmenter",
+        {"name": "regions", "task": "segment", "runtime": "eager", "architecture": "models.bright:BrightSegmenter",
          "checkpoint": "regions.pth", "labels": ["dark", "bright"], "preprocess": {"resize": 320, "crop": 320, **PLAIN}},
-        {"name": "colours", "task": "embed", "architecture": "models.tiny:TinyNet", "kwargs": {"num_classes": 3},
+        {"name": "colours", "task": "embed", "runtime": "eager", "architecture": "models.tiny:TinyNet", "kwargs": {"num_classes": 3},
          "checkpoint": "colours.pth", "preprocess": {"resize": 8, "crop": 8, **PLAIN}, "embed": {"normalize": True}},
     ]
     (folder / "models.yaml").write_text(yaml.safe_dump({"models": models}, sort_keys=False))

@@ -1,6 +1,6 @@
 """OnnxRuntime: a module exported to ONNX once (cached on disk), checked against eager, run by ONNX Runtime.
 
-    runtime = build_onnx_runtime(module, sample, cache_key_parts={...}, cache_dir=path, rule="classify")
+    runtime = build_onnx_runtime(module, sample, cache_key_parts={...}, cache_dir=path, rule="probabilities")
     runtime.forward(batch)     # float32 [N, C, H, W], normalized -> what module(batch) returns, as CPU tensors
     runtime.describe()         # {"runtime": "onnxruntime", "export_s", "cache", "providers", "threads", ...}
     runtime.forward_isolated(*batches) # the same, run in a short-lived child process (see Fork)
@@ -20,13 +20,15 @@ against eager on an input unlike the export sample (other values, batch size and
 The batch axis is dynamic; height and width too with dynamic_hw. A module returning a list of dicts
 (torchvision detection) is exported for one image [C, H, W] of any size and run image by image.
 
-Verification rules (compare_outputs), eager against ONNX on the same input:
-    classify  softmax probabilities within 1e-4, same top-5 in the same order for every image
-              (classes whose eager probabilities are within 1e-6, a tie, may change places)
-    embed     cosine similarity >= 0.9999 per image, max |diff| <= 1e-4 x max |eager value|
-    segment   >= 99.9 % of each image's pixels have the same argmax class
-    detect    per image, the same number of detections scored >= score_threshold, each eager one
-              matched by an ONNX one with the same label, score within 1e-4, box corners within 0.01 px
+Verification rules (compare_outputs), eager against ONNX on the same input; each task names its rule
+(Task.runtime_rule):
+    probabilities  (classify) softmax probabilities within 1e-4, same top-5 in the same order for every
+                   image (classes whose eager probabilities are within 1e-6, a tie, may change places)
+    vectors        (embed) cosine similarity >= 0.9999 per image, max |diff| <= 1e-4 x max |eager value|
+    class_map      (segment) >= 99.9 % of each image's pixels have the same argmax class
+    detections     (detect) per image, the same number of detections scored >= score_threshold, each
+                   eager one matched by an ONNX one with the same label, score within 1e-4, box corners
+                   within 0.01 px
 
 Cache: one file a key, `<key>.onnx` plus `<key>.json` (the key's parts, the file's sha256). The key
 hashes the caller's parts (checkpoint sha256, architecture, kwargs, task), the input shape, dynamic
@@ -497,7 +499,7 @@ def _in_child(work) -> list[list[np.ndarray]]:
 # ---- building ----
 
 def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_parts: Mapping[str, Any],
-                       cache_dir: Path | None, rule: str | None = "classify", dynamic_hw: bool = False,
+                       cache_dir: Path | None, rule: str | None = "probabilities", dynamic_hw: bool = False,
                        device: torch.device | str = "cpu", threads: int | None = None,
                        load_threads: int | None = None, exporter: str = "auto",
                        score_threshold: float = 0.5) -> OnnxRuntime:
@@ -653,7 +655,7 @@ def compare_outputs(eager: Any, onnx: Any, rule: str, *, score_threshold: float 
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule '{rule}'; known: {sorted(RULES)}")
-    if rule == "detect":
+    if rule == "detections":
         return _compare_detect(eager, onnx, score_threshold)
     e, o = _main_tensor(eager).float().cpu(), _main_tensor(onnx).float().cpu()
     if e.shape != o.shape:
@@ -731,5 +733,5 @@ def _compare_detect(eager: Any, onnx: Any, threshold: float) -> str | None:
     return None
 
 
-RULES = {"classify": _compare_classify, "embed": _compare_embed, "segment": _compare_segment,
-         "detect": _compare_detect}
+RULES = {"probabilities": _compare_classify, "vectors": _compare_embed, "class_map": _compare_segment,
+         "detections": _compare_detect}

@@ -68,6 +68,10 @@ class Task:
     formats: ClassVar[tuple[str, ...]] = ("json", "torchserve")
     # V2 outputs honour Triton's classification extension (output parameter "classification": K).
     v2_classification: ClassVar[bool] = False
+    # How another runtime's outputs are checked against eager's (serve/runtimes/onnx.py compare_outputs).
+    runtime_rule: ClassVar[str]
+    # runtime auto tries ONNX Runtime for this task (runtime: onnxruntime always does).
+    auto_export: ClassVar[bool] = True
     # The TorchServe built-in handler this task stands for: a .mar naming it is served as this task.
     torchserve_handler: ClassVar[str | None] = None
 
@@ -85,6 +89,10 @@ class Task:
     def adapt(self, module: torch.nn.Module) -> torch.nn.Module:
         """The module the runtime runs: the loaded one, or a view of it (embed's inner node)."""
         return module
+
+    def needs_module(self) -> bool:
+        """Whether adapt() needs the PyTorch module (a file that runs only on ONNX Runtime has none)."""
+        return False
 
     def blank(self) -> torch.Tensor:
         """A uint8 input for warm-up."""

@@ -32,6 +32,7 @@ class Classification(Result):
 
 class Classify(Task):
     name = "classify"
+    runtime_rule = "probabilities"
     torchserve_handler = "image_classifier"
     Options = ClassifyOptions
     Result = Classification

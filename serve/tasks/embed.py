@@ -29,6 +29,7 @@ class Embedding(Result):
 
 class Embed(Task):
     name = "embed"
+    runtime_rule = "vectors"
     Options = EmbedOptions
     Result = Embedding
     formats = ("json",)
@@ -63,6 +64,9 @@ class Embed(Task):
 
     def summary(self) -> str:
         return f"embed, {self.dim} dimensions"
+
+    def needs_module(self) -> bool:
+        return self.options.node is not None
 
     def check(self, output: Any) -> None:
         self.dim = self.split(output, 1)[0].shape[0]

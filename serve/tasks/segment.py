@@ -60,6 +60,7 @@ class SegmentOutput:
 
 class Segment(Task):
     name = "segment"
+    runtime_rule = "class_map"
     torchserve_handler = "image_segmenter"
     Options = SegmentOptions
     Result = Segmentation
