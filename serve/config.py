@@ -301,6 +301,8 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> 
     name = model.get("name", f"models[{index}]")
     if env.get("SERVE_DEVICE"):
         model["device"] = env["SERVE_DEVICE"]
+    if env.get("SERVE_RUNTIME"):
+        model["runtime"] = env["SERVE_RUNTIME"]
     if isinstance(model.get("checkpoint"), str):
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
         if is_model_folder(model["checkpoint"]):
