@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     folder: Path = args.checkpoint.resolve()
+    if folder.suffix.lower() == ".onnx":
+        return _inspect_onnx(folder, args.config)
     described = describe(folder) if folder.is_file() else None  # a packaged model: none of its code runs
     if described is not None:
         lines = [("file", f"{folder} ({folder.stat().st_size} bytes)"), ("sha256", file_sha256(folder)), *described]
@@ -94,6 +96,41 @@ def run_inspect(args: argparse.Namespace) -> int:
         weights = weights.state_dict()
     print()
     _print_tensors(weights)
+    return 0
+
+
+def _inspect_onnx(path: Path, as_config: bool) -> int:
+    """An ONNX model's inputs, outputs, opset and external data files (read by onnx, nothing run)."""
+    import onnx
+
+    from serve.runtimes.onnx import open_onnx_file
+
+    try:
+        open_onnx_file(path)  # the same checks as serving it: one input, external data inside its folder
+    except ServeError as exc:
+        raise CheckpointError(exc.message) from None
+    model = onnx.load(str(path), load_external_data=False)
+    if as_config:
+        print(f"- name: {path.stem.lower().replace(' ', '_')}\n  checkpoint: {path}\n  runtime: onnxruntime\n"
+              f"  labels: <labels.txt or a list: the model's class names>\n"
+              f"  preprocess: <{{resize, crop, mean, std}} the model was trained with>")
+        return 0
+
+    def shape(value) -> str:
+        dims = value.type.tensor_type.shape.dim
+        return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in dims) + "]"
+
+    initializers = {t.name for t in model.graph.initializer}
+    external = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    print(f"file:     {path} ({path.stat().st_size} bytes)")
+    print(f"sha256:   {file_sha256(path)}")
+    print(f"format:   ONNX (opset {', '.join(str(o.version) for o in model.opset_import)}, producer {model.producer_name or '?'})")
+    for value in model.graph.input:
+        if value.name not in initializers:
+            print(f"input:    {value.name} {shape(value)}")
+    for value in model.graph.output:
+        print(f"output:   {value.name} {shape(value)}")
+    print(f"weights:  {len(model.graph.initializer)} tensors" + (f", external data in {external}" if external else ""))
     return 0
 
 

@@ -379,6 +379,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats/packaged.py).
         opened = open_model(spec, device)
         implied = opened.implied if opened is not None else None
+        if opened is not None and opened.runtime is not None:  # ONNX in an archive: no module
+            elapsed = time.perf_counter() - started
+            return LoadedModel(None, device, opened.layout, digest, elapsed, implied=implied, runtime=opened.runtime)
         if opened is not None:
             module, layout, skipped = opened.module, opened.layout, opened.skipped_keys
         else:

@@ -447,12 +447,22 @@ def test_archive_with_the_object_detector_handler_serves_detections(tmp_path, ca
         assert found["label"] == merged.labels[label]
 
 
-def test_archive_with_an_onnx_file_is_not_served_yet(tmp_path):
+def test_archive_with_an_onnx_file_is_served_by_onnx_runtime(tmp_path):
+    """An image_classifier archive whose serialized file is ONNX: ONNX Runtime serves it from memory."""
+    from conftest import expected_probs, image_bytes
+
     onnx_file = tmp_path / "tiny.onnx"
-    torch.onnx.export(tiny_net().eval(), (torch.rand(1, 3, 8, 8),), str(onnx_file), dynamo=False)
+    torch.onnx.export(tiny_net().eval(), (torch.rand(1, 3, 8, 8),), str(onnx_file), dynamo=False,
+                      input_names=["pixels"], dynamic_axes={"pixels": {0: "batch"}})
     path = archive(tmp_path, "onnx", onnx_file, "image_classifier")
-    with pytest.raises(CheckpointError, match="its serialized file 'tiny.onnx' is ONNX, which this build does not serve yet"):
-        load_model(spec_of(model_entry(path)))
+    entry = model_entry(path, labels=LABELS, preprocess={"resize": 8, "crop": 8, "mean": [0, 0, 0], "std": [1, 1, 1]})
+    loaded = load_model(spec_of(entry))
+    assert loaded.module is None and loaded.runtime.name == "onnxruntime" and "ONNX tiny.onnx" in loaded.layout
+    answer, _ = served(spec_of(entry), image_bytes((0, 255, 0)), topk=3)
+    probs = {p["label"]: p["probability"] for p in answer["predictions"]}
+    assert [probs[label] for label in LABELS] == pytest.approx(expected_probs((0, 255, 0)).tolist(), abs=1e-6)
+    with pytest.raises(ConfigError, match="runs on onnxruntime only, not eager"):
+        served(spec_of({**entry, "runtime": "eager"}), image_bytes())
 
 
 @pytest.mark.parametrize("mapping, message", [

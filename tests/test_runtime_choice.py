@@ -156,3 +156,16 @@ def test_gunicorn_workers_serve_onnx_runtime_after_the_fork(tmp_path):
         assert server.stop() == 0
     log = (tmp_path / "gunicorn.log").read_text()
     assert "serving ONNX Runtime" in log and "Traceback" not in log
+
+
+def test_inspect_an_onnx_file(tmp_path, capsys):
+    export_tiny_onnx(tmp_path / "model")
+    assert main(["inspect", str(tmp_path / "model" / "tiny.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "format:   ONNX (opset" in out and "input:    pixels [batch, 3, 8, 8]" in out
+    assert "external data in ['tiny.weights']" in out
+    assert main(["inspect", str(tmp_path / "model" / "tiny.onnx"), "--config"]) == 0
+    assert "runtime: onnxruntime" in capsys.readouterr().out
+    (tmp_path / "model" / "tiny.weights").unlink()
+    assert main(["inspect", str(tmp_path / "model" / "tiny.onnx")]) == 1
+    assert "external data file 'tiny.weights'" in capsys.readouterr().err

@@ -183,9 +183,17 @@ def open_model(spec: ModelSpec, device: torch.device) -> Opened:
             raise CheckpointError(f"{where}: its manifest names the serialized file {member!r}, which is not in it")
         labels = None if "labels" in spec.model_fields_set else read_labels(archive, manifest, spec.checkpoint.name)
         kind = serialized_kind(archive, member)
-        if kind == "ONNX":
-            raise CheckpointError(f"{where}: its serialized file '{member}' is ONNX, which this build does not "
-                                  f"serve yet; archive a TorchScript file or a state_dict instead")
+        if kind == "ONNX":  # served by ONNX Runtime from memory: no file of the archive is written anywhere
+            from serve.errors import ExportError
+            from serve.runtimes.onnx import open_onnx_bytes
+
+            torchscript.refuse_architecture(spec, "TorchServe archive holding an ONNX model")
+            try:
+                runtime = open_onnx_bytes(archive.read(member), f"{spec.checkpoint.name}:{member}", device)
+            except ExportError as exc:
+                raise CheckpointError(f"{where}: {exc.message}") from None
+            implied = Implied(task, labels, dict(HANDLERS[manifest.builtin]))
+            return Opened(None, f"TorchServe archive ({manifest.builtin}), ONNX {member}", implied, runtime=runtime)
         if kind == "torch.export program":
             raise CheckpointError(f"{where}: its serialized file '{member}' is a torch.export program; take it out "
                                   f"of the archive and point checkpoint: at it (with trust_code: true)")

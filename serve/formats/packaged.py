@@ -29,12 +29,14 @@ class Implied:
 
 @dataclass(frozen=True)
 class Opened:
-    """A module read from a self-contained checkpoint, before it is placed on its device."""
+    """A module read from a self-contained checkpoint, before it is placed on its device; or, for a
+    model only its own runtime runs (ONNX in an archive), that runtime and no module."""
 
-    module: nn.Module
+    module: nn.Module | None
     layout: str
     implied: Implied = Implied()
     skipped_keys: tuple[str, ...] = ()
+    runtime: Any = None
 
 
 def zip_names(path: Path) -> list[str] | None:
