@@ -15,6 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SERVE_HOST=0.0.0.0 \
     PORT=8000 \
     PYTHONPATH=/srv/user
+# ONNX exports (runtime: auto) in the writable tmp (compose: a tmpfs, Kubernetes: an emptyDir): made once
+# per container, read by every worker and restart after it.
+ENV SERVE_ONNX_CACHE_DIR=/tmp/torch-serve-onnx
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin serve \
     && mkdir -p /srv/user && chown serve /srv/user \
