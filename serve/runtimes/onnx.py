@@ -49,8 +49,9 @@ Threads: a session's intra-op pool is fixed when it is made. By default a worker
 with `threads` threads (every core), whatever CoreShare (serve/cores.py) sets torch to: its threads
 don't spin after a run (session.intra_op.allow_spinning=0; spinning cost resnet18 54 ms of CPU per
 b1 request instead of 39 ms, at the same latency), so workers x threads > cores costs little. Measured
-on 2 cores, two processes running b1 forwards at once did as well with 2-thread sessions as with
-single-threaded ones (EfficientNet-Lite0 192 against 186 img/s, resnet18 55 against 44; bench/runtimes.py).
+on 2 cores (shared with other work), two processes running b1 forwards at once did no worse with
+2-thread sessions than with single-threaded ones (EfficientNet-Lite0 179-265 against 100-150 img/s,
+resnet18 47-67 against 33-55, three runs of bench/runtimes.py).
 With load_threads set, a batch that CoreShare gives fewer than `threads` threads runs on a second,
 load_threads-thread session instead. Each session holds its own copy of the optimized weights (sharing
 them through add_external_initializers saved nothing measurable: ONNX Runtime's graph optimizations
@@ -377,6 +378,8 @@ class OnnxRuntime:
         return structures if self.per_image else structures[0]
 
     def _session(self, threads: int):
+        if self._pid != os.getpid() and self._pid is not None:
+            self._lock = threading.Lock()  # a forked child: the parent's lock may have been held at the fork
         with self._lock:
             if self._pid != os.getpid():
                 if self._sessions:
