@@ -30,7 +30,7 @@ Verification rules (compare_outputs), eager against ONNX on the same input:
 
 Cache: one file a key, `<key>.onnx` plus `<key>.json` (the key's parts, the file's sha256). The key
 hashes the caller's parts (checkpoint sha256, architecture, kwargs, task), the input shape, dynamic
-axes, opset, exporter and the torch / onnx / onnxruntime versions. Files are written to a temporary
+axes, opset, exporter and the torch / onnx / onnxscript / onnxruntime versions. Files are written to a temporary
 name and os.replace'd; before use the sha256, the ONNX parse and the key stored in the model's
 metadata_props are checked, and anything wrong (truncated, foreign, not ONNX) is exported again and
 overwritten. A cache directory that can't be written is used read-only (a warm, read-only cache is
@@ -232,9 +232,10 @@ def _with_metadata(data: bytes, props: Mapping[str, str]) -> bytes:
 # ---- cache ----
 
 def _versions() -> dict[str, str]:
-    """torch / onnx / onnxruntime versions, read without importing onnxruntime (see Fork)."""
+    """torch / onnx / onnxscript / onnxruntime versions, read without importing onnxruntime (see Fork)."""
     found = {"torch": torch.__version__}
-    for name, dists in (("onnx", ("onnx",)), ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
+    for name, dists in (("onnx", ("onnx",)), ("onnxscript", ("onnxscript",)),
+                        ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
         for dist in dists:
             try:
                 found[name] = f"{dist} {metadata.version(dist)}"
