@@ -30,8 +30,8 @@ Verification rules (compare_outputs), eager against ONNX on the same input:
 
 Cache: one file a key, `<key>.onnx` plus `<key>.json` (the key's parts, the file's sha256). The key
 hashes the caller's parts (checkpoint sha256, architecture, kwargs, task), the input shape, dynamic
-axes, opset, exporter and the torch / onnx / onnxscript / onnxruntime versions. Files are written to a temporary
-name and os.replace'd; before use the sha256, the ONNX parse and the key stored in the model's
+axes, opset, exporter and the torch / onnx / onnxscript / onnxruntime versions. Files are written to
+a temporary name and os.replace'd; before use the sha256, the ONNX parse and the key stored in the model's
 metadata_props are checked, and anything wrong (truncated, foreign, not ONNX) is exported again and
 overwritten. A cache directory that can't be written is used read-only (a warm, read-only cache is
 fine: e.g. baked into an image): the export is kept in memory and a warning logged.
