@@ -64,8 +64,9 @@ def build(name: str, module, cache_dir: Path | None):
     from serve.runtimes.onnx import build_onnx_runtime
 
     # load_threads=1: the single-threaded session exists, for the "1 thread" and memory figures
+    weights = "seed 0" if name == "resnet18" else "packaged"
     return build_onnx_runtime(module, torch.zeros(1, 3, 224, 224), cache_dir=cache_dir, threads=CORES, load_threads=1,
-                              cache_key_parts={"model": name, "weights": "packaged" if name != "resnet18" else "seed 0"})
+                              cache_key_parts={"model": name, "weights": weights})
 
 
 def paired_ms(runners: dict, x: torch.Tensor, reps: int) -> dict[str, float]:
@@ -265,17 +266,19 @@ def main() -> None:
         print(f"  {'':22}{'eager':>22}{'onnxruntime':>22}{'speed-up':>10}")
         for what in WHATS:
             e, o = rows[f"eager {what}"], rows[f"onnxruntime {what}"]
-            ratio = statistics.median(e) / statistics.median(o) if "ms" in what else statistics.median(o) / statistics.median(e)
+            ratio = statistics.median(e) / statistics.median(o)
+            ratio = ratio if "ms" in what else 1 / ratio
             print(f"  {what:22}{spread(e):>22}{spread(o):>22}{ratio:>9.2f}x")
         rss = {mode: mem[(name, mode)] for mode in ("eager", "onnx", "onnx2")}
         print(f"  {'RSS MB (peak)':22}{rss['eager']['VmRSS']:>14.0f} ({rss['eager']['VmHWM']:.0f})"
               f"{rss['onnx']['VmRSS']:>14.0f} ({rss['onnx']['VmHWM']:.0f})"
               f"   +1-thread session: {rss['onnx2']['VmRSS']:.0f} ({rss['onnx2']['VmHWM']:.0f})")
         cold, warm = starts[(name, "cold")], starts[(name, "warm")]
-        print(f"  start s (build_onnx_runtime): cold {spread([c['build_s'] for c in cold], '{:.2f}')} "
-              f"(export {spread([c['export_s'] for c in cold], '{:.2f}')}, verify "
-              f"{spread([c['verify_s'] for c in cold], '{:.2f}')}); warm {spread([w['build_s'] for w in warm], '{:.2f}')} "
-              f"(cache {'/'.join(sorted({w['cache'] for w in warm}))}, verify {spread([w['verify_s'] for w in warm], '{:.2f}')})")
+        def seconds(runs, field):
+            return spread([r[field] for r in runs], "{:.2f}")
+        print(f"  start s (build_onnx_runtime): cold {seconds(cold, 'build_s')} (export {seconds(cold, 'export_s')}, "
+              f"verify {seconds(cold, 'verify_s')}); warm {seconds(warm, 'build_s')} "
+              f"(cache {'/'.join(sorted({w['cache'] for w in warm}))}, verify {seconds(warm, 'verify_s')})")
         print(f"  2 processes at once, b1 img/s in all: 1-thread sessions {spread(load[(name, 1)])}, "
               f"{CORES}-thread sessions {spread(load[(name, CORES)])}")
 

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -178,7 +177,7 @@ def test_damaged_or_foreign_cache_file_is_rebuilt(tmp_path, caplog, damage, reas
         content = b"\x08\x07garbage, not protobuf" * 10 if damage == "garbage" else foreign_model(tmp_path)
         model_file.write_bytes(content)
         meta = json.loads(sidecar.read_text())
-        sidecar.write_text(json.dumps({**meta, "sha256": __import__("hashlib").sha256(content).hexdigest()}))
+        sidecar.write_text(json.dumps({**meta, "sha256": hashlib.sha256(content).hexdigest()}))
     with caplog.at_level(logging.WARNING, "serve.runtimes.onnx"):
         runtime = build_tiny(cache)
     assert runtime.describe()["cache"] == "miss"
@@ -254,7 +253,7 @@ def test_bad_onnx_file(tmp_path, content, message):
 
 
 FORK_SCRIPT = textwrap.dedent("""
-    import json, os, sys, tempfile, time
+    import json, os, sys, time
     import numpy as np, torch
     from models.tiny import TinyCNN
     from serve.runtimes.onnx import build_onnx_runtime

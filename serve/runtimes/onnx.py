@@ -32,8 +32,8 @@ Verification rules (compare_outputs), eager against ONNX on the same input; each
 
 Cache: one file a key, `<key>.onnx` plus `<key>.json` (the key's parts, the file's sha256). The key
 hashes the caller's parts (checkpoint sha256, architecture, kwargs, task), the input shape, dynamic
-axes, opset, exporter and the torch / onnx / onnxruntime versions. Files are written to a temporary
-name and os.replace'd; before use the sha256, the ONNX parse and the key stored in the model's
+axes, opset, exporter and the torch / onnx / onnxscript / onnxruntime versions. Files are written to
+a temporary name and os.replace'd; before use the sha256, the ONNX parse and the key stored in the model's
 metadata_props are checked, and anything wrong (truncated, foreign, not ONNX) is exported again and
 overwritten. A cache directory that can't be written is used read-only (a warm, read-only cache is
 fine: e.g. baked into an image): the export is kept in memory and a warning logged.
@@ -51,8 +51,9 @@ Threads: a session's intra-op pool is fixed when it is made. By default a worker
 with `threads` threads (every core), whatever CoreShare (serve/cores.py) sets torch to: its threads
 don't spin after a run (session.intra_op.allow_spinning=0; spinning cost resnet18 54 ms of CPU per
 b1 request instead of 39 ms, at the same latency), so workers x threads > cores costs little. Measured
-on 2 cores, two processes running b1 forwards at once did as well with 2-thread sessions as with
-single-threaded ones (EfficientNet-Lite0 192 against 186 img/s, resnet18 55 against 44; bench/runtimes.py).
+on 2 cores (shared with other work), two processes running b1 forwards at once did no worse with
+2-thread sessions than with single-threaded ones (EfficientNet-Lite0 179-265 against 100-150 img/s,
+resnet18 47-67 against 33-55, three runs of bench/runtimes.py).
 With load_threads set, a batch that CoreShare gives fewer than `threads` threads runs on a second,
 load_threads-thread session instead. Each session holds its own copy of the optimized weights (sharing
 them through add_external_initializers saved nothing measurable: ONNX Runtime's graph optimizations
@@ -233,9 +234,10 @@ def _with_metadata(data: bytes, props: Mapping[str, str]) -> bytes:
 # ---- cache ----
 
 def _versions() -> dict[str, str]:
-    """torch / onnx / onnxruntime versions, read without importing onnxruntime (see Fork)."""
+    """torch / onnx / onnxscript / onnxruntime versions, read without importing onnxruntime (see Fork)."""
     found = {"torch": torch.__version__}
-    for name, dists in (("onnx", ("onnx",)), ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
+    for name, dists in (("onnx", ("onnx",)), ("onnxscript", ("onnxscript",)),
+                        ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
         for dist in dists:
             try:
                 found[name] = f"{dist} {metadata.version(dist)}"
@@ -379,6 +381,8 @@ class OnnxRuntime:
         return structures if self.per_image else structures[0]
 
     def _session(self, threads: int):
+        if self._pid != os.getpid() and self._pid is not None:
+            self._lock = threading.Lock()  # a forked child: the parent's lock may have been held at the fork
         with self._lock:
             if self._pid != os.getpid():
                 if self._sessions:
