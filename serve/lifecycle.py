@@ -126,14 +126,14 @@ class Lifecycle:
         """Apply the control file if it changed since it was last read and names a newer generation."""
         if self.dir is None:
             return
-        signature = _signature(self._path())
-        if signature is None or signature == self._signature:
-            return
-        with self._lock:
+        with self._lock:  # a change in progress here finishes first
+            signature = _signature(self._path())
+            if signature is None or signature == self._signature:
+                return
             state = self._read()
-            self._signature = signature
             if state is not None and state["generation"] > self.applied:
                 self._apply(state)
+            self._signature = signature
 
     def _apply(self, state: State) -> None:
         """Make this worker serve what `state` says; a model that fails keeps its versions."""

@@ -104,6 +104,7 @@ class Registry:
         self.metrics = metrics
         self.pixels = PixelBudget(config.server.max_image_pixels)  # one decode budget for every model
         self.service = ServiceTime()
+        self._last_end, self._backlog = 0.0, False  # the inference thread's last batch: when, and was work waiting
 
     @classmethod
     def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None) -> Registry:
@@ -199,18 +200,21 @@ class Registry:
 
     def _run(self, predictor: Predictor, forward, batch) -> list[Any]:
         """One forward on the batcher's thread: CPU batches take their share of the cores; its time per
-        image measured for admission; metrics kept."""
+        image measured for admission (serve/admission.py); metrics kept."""
         started = time.perf_counter()
         if self.cores is not None and predictor.loaded.device.type == "cpu":
             with self.cores.share(single=predictor.single_threaded(len(batch))):
                 probs = forward(batch)
         else:
             probs = forward(batch)
-        elapsed = time.perf_counter() - started
-        self.service.observe(predictor.spec.name, len(batch), elapsed)
+        ended = time.perf_counter()
+        waiting = self.batcher.pending - len(batch)  # this batch's futures are not resolved yet
+        # Its cost on the thread's timeline: from the previous batch's end when work was waiting then
+        # (gathering, answering, the CPU taken by request threads count too), else from its start.
+        self.service.observe(predictor.spec.name, len(batch), ended - (self._last_end if self._backlog else started))
+        self._last_end, self._backlog = ended, waiting > 0
         if self.metrics is not None:
-            waiting = self.batcher.pending - len(batch)  # this batch's futures are not resolved yet
-            self.metrics.observe_batch(predictor.spec.name, len(batch), elapsed, waiting)
+            self.metrics.observe_batch(predictor.spec.name, len(batch), ended - started, waiting)
         return probs
 
     def deadline(self, client_s: float | None = None, source: str = "the request's deadline") -> Deadline:
