@@ -194,7 +194,7 @@ class Lifecycle:
         def edit(entry: Entry, generation: int) -> Entry:
             self._known(name, entry, version)
             if entry["default"] == version:
-                raise VersionConflictError(f"version '{version}' is model '{name}''s default; set another default first")
+                raise VersionConflictError(f"version '{version}' is the default of model '{name}'; set another default first")
             del entry["versions"][version]
             return entry
 

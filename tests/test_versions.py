@@ -201,7 +201,7 @@ def test_refused_loads_change_nothing(files, make_app, body, status, code, messa
 def test_the_default_cant_be_unloaded_and_unknown_versions_are_404(files, make_app):
     client = managed(make_app, files).test_client()
     assert error(client.delete("/models/tiny/versions/1")) == (
-        409, "version_conflict", "version '1' is model 'tiny''s default; set another default first")
+        409, "version_conflict", "version '1' is the default of model 'tiny'; set another default first")
     assert error(client.delete("/models/tiny/versions/9"))[:2] == (404, "model_not_found")
     assert error(client.put("/models/tiny/versions/9/set-default"))[:2] == (404, "model_not_found")
     assert error(client.post("/models/nope/versions", json={"version": "3", "checkpoint": "c.pth"}))[:2] == (
