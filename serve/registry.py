@@ -140,6 +140,7 @@ class Registry:
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model and the version.
         """
+        self._backlog = False  # the time loads take is no batch's cost
         if default not in wanted:
             raise ConfigError(f"model '{name}': default version '{default}' is not among {sorted(wanted)}")
         current = self.models.get(name)
