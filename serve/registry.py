@@ -94,8 +94,8 @@ class Registry:
     """The models of one ServeConfig, each with its versions, in config order, and the Batcher whose
     thread runs them all."""
 
-    def __init__(self, config: ServeConfig, predictors: dict[str, Predictor] | None = None, batcher: Batcher | None = None,
-                 cores: CoreShare | None = None, metrics: Metrics | None = None):
+    def __init__(self, config: ServeConfig, batcher: Batcher | None = None, cores: CoreShare | None = None,
+                 metrics: Metrics | None = None):
         self.config = config
         self.models: dict[str, Versions] = {}  # replaced whole per model: readers never see half a change
         self.batcher = batcher or Batcher("inference")
@@ -115,7 +115,7 @@ class Registry:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
         cores = None if config.server.torch_threads else CoreShare(available_cores())
-        registry = cls(config, None, Batcher("inference"), cores, metrics)
+        registry = cls(config, Batcher("inference"), cores, metrics)
         try:
             for spec in config.models:
                 if names is None or spec.name in names:
