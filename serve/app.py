@@ -10,7 +10,7 @@ from serve.access import register_request_hooks
 from serve.auth import ApiKeys, register_auth
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
-from serve.lifecycle import Lifecycle
+from serve.lifecycle import Lifecycle, check_state_dir
 from serve.metrics import Metrics
 from serve.openapi import build_openapi, v2_paths
 from serve.page import page
@@ -30,6 +30,8 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     elif not isinstance(config, ServeConfig):
         config = build_config(config)
     api_keys = ApiKeys.from_settings(config.server)  # a broken keys file stops start-up before any model loads
+    if config.server.enable_management:
+        check_state_dir(config.server.state_dir)
     metrics = Metrics()
     registry = Registry.load(config, metrics=metrics)
     app = Flask(__name__, static_folder=None)  # the page blueprint serves serve/static itself

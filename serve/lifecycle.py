@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.config import VERSION_PATTERN
 from serve.errors import (
+    ConfigError,
     InvalidRequestError,
     ModelNotFoundError,
     ReloadFailedError,
@@ -84,6 +85,12 @@ def parse_new_version(body: Any) -> NewVersion:
         problems = "; ".join(f"field '{'.'.join(str(p) for p in e['loc']) or '-'}': {e['msg']}" for e in exc.errors())
         raise InvalidRequestError(f"new version: {problems} (send JSON: {{\"version\": \"2\", \"checkpoint\": "
                                   "\"b.pth\", \"sha256\": optional, \"default\": optional}})") from None
+
+
+def check_state_dir(state_dir: Path | None) -> None:
+    """Raises: ConfigError: state_dir is set but not a writable directory (the management API writes there)."""
+    if state_dir is not None and not (Path(state_dir).is_dir() and os.access(state_dir, os.W_OK | os.X_OK)):
+        raise ConfigError(f"server: field 'state_dir': {state_dir} is not a writable directory")
 
 
 class Lifecycle:
@@ -130,10 +137,14 @@ class Lifecycle:
             signature = _signature(self._path())
             if signature is None or signature == self._signature:
                 return
-            state = self._read()
+            self._signature = signature  # read once per change: a broken file is reported once
+            try:
+                state = self._read()
+            except ReloadFailedError as exc:
+                log.error("lifecycle: %s; still serving generation %d", exc.message, self.applied)
+                return
             if state is not None and state["generation"] > self.applied:
                 self._apply(state)
-            self._signature = signature
 
     def _apply(self, state: State) -> None:
         """Make this worker serve what `state` says; a model that fails keeps its versions."""

@@ -325,3 +325,23 @@ def test_lifecycle_routes_are_off_by_default(files, make_app):
     assert client.post("/models/tiny/versions", json={"version": "3", "checkpoint": "c.pth"}).status_code == 404
     assert client.put("/models/tiny/versions/2/set-default").status_code == 404
     assert client.delete("/models/tiny/versions/2").status_code == 405  # the path is a version's metadata
+
+
+def test_a_state_dir_that_cant_be_written_stops_start_up(files, make_app, tmp_path):
+    with pytest.raises(ConfigError, match="field 'state_dir': .*missing is not a writable directory"):
+        managed(make_app, files, state_dir=str(tmp_path / "missing"))
+
+
+def test_a_broken_control_file_is_reported_once_and_changes_nothing(files, make_app, tmp_path, caplog):
+    state = tmp_path / "state"
+    state.mkdir()
+    app = managed(make_app, files, state_dir=str(state))
+    (state / "control.json").write_text("{not json")
+    with caplog.at_level(logging.ERROR, logger="serve.lifecycle"):
+        app.extensions["serve.lifecycle"].sync()
+        app.extensions["serve.lifecycle"].sync()
+    assert caplog.text.count("is unreadable") == 1 and "still serving generation 0" in caplog.text
+    client = app.test_client()
+    assert post(client).headers["X-Model-Version"] == f"1 {sha12(files['a'])}"
+    status, code, message = error(client.put("/models/tiny/versions/2/set-default"))
+    assert (status, code) == (409, "reload_failed") and "control file" in message and "nothing changed" in message
