@@ -18,7 +18,9 @@ Every worker checks the file's stat every POLL_S on a watcher thread; a new gene
 on its inference thread, between batches, each new version loaded and warmed before the switch. A
 worker that fails to apply it (the file changed or vanished since) logs why, counts it in
 serve_lifecycle_failures_total and keeps its previous versions; serve_control_generation shows
-what each worker has applied. A request runs all its images on the version it started with, so a
+what each worker has applied, and each writes it to `<state_dir>/workers/<pid>` too: the worker
+that took the call answers once every live sibling serves the new generation (SWITCH_WAIT_S at
+most), saying how many do. A request runs all its images on the version it started with, so a
 switch fails no request and mixes no weights. A worker (re)started later applies the file before
 it serves (gunicorn's post_worker_init).
 
@@ -37,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +62,33 @@ log = logging.getLogger(__name__)
 CONTROL_FILE = "control.json"
 LOCK_FILE = "control.lock"
 POLL_S = 0.2
+WORKERS_DIR = "workers"
+SWITCH_WAIT_S = 10.0  # how long a management call waits for the other workers to switch
 
 State = dict[str, Any]  # the control file's document
 Entry = dict[str, Any]  # one model's: {"default": ..., "versions": {version: source fields}}
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How far a change got: the workers serving it (switched), those that could not (failed)."""
+
+    generation: int
+    workers: int
+    switched: int
+    failed: int
+
+    def to_dict(self) -> dict:
+        return {"generation": self.generation, "workers": self.workers, "switched": self.switched,
+                "failed": self.failed}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A management call's result: the model's versions in this worker, and the rollout across workers."""
+
+    versions: Versions
+    rollout: Rollout
 
 
 class NewVersion(BaseModel):
@@ -110,8 +137,9 @@ class Lifecycle:
     # --- following the file ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Apply the control file now, then follow it on a watcher thread (once per process)."""
+        """Apply the control file now, report, then follow it on a watcher thread (once per process)."""
         self.sync()
+        self._report([])
         self.watch()
 
     def watch(self) -> None:
@@ -148,6 +176,7 @@ class Lifecycle:
 
     def _apply(self, state: State) -> None:
         """Make this worker serve what `state` says; a model that fails keeps its versions."""
+        failed = []
         for name, entry in state["models"].items():
             if name not in self.registry.models:
                 continue
@@ -161,17 +190,63 @@ class Lifecycle:
                           self.registry.models[name].default)
                 if self.metrics is not None:
                     self.metrics.lifecycle_failures.labels(name).inc()
-        self._applied(state["generation"])
+                failed.append(name)
+        self._applied(state["generation"], failed)
         log.info("lifecycle: generation %d applied", state["generation"])
 
-    def _applied(self, generation: int) -> None:
+    def _applied(self, generation: int, failed: list[str] | None = None) -> None:
         self.applied = generation
         if self.metrics is not None:
             self.metrics.control_generation.set(generation)
+        self._report(failed or [])
+
+    # --- what each worker reports: <state_dir>/workers/<pid> -----------------------------------------
+
+    def _report(self, failed: list[str]) -> None:
+        """Tell the worker that takes the next call which generation this one serves, and what failed."""
+        if self.dir is None:
+            return
+        folder = self.dir / WORKERS_DIR
+        folder.mkdir(exist_ok=True)
+        temporary = folder / f".{os.getpid()}.tmp"
+        temporary.write_text(json.dumps({"generation": self.applied, "failed": failed}))
+        os.replace(temporary, folder / str(os.getpid()))
+
+    def _siblings(self) -> dict[int, dict]:
+        """What the other live workers of this server last reported (a dead one's report is removed)."""
+        found: dict[int, dict] = {}
+        for path in (self.dir / WORKERS_DIR).glob("[0-9]*") if self.dir is not None else ():
+            pid = int(path.name)
+            if pid == os.getpid():
+                continue
+            if not _is_sibling(pid):
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                found[pid] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                found[pid] = {"generation": -1, "failed": []}
+        return found
+
+    def _await_workers(self, generation: int, name: str) -> Rollout:
+        """Wait (SWITCH_WAIT_S at most) until every other worker has applied `generation`."""
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while True:
+            others = self._siblings()
+            done = {pid: r for pid, r in others.items() if r.get("generation", -1) >= generation}
+            if len(done) == len(others) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        failed = sum(1 for r in done.values() if name in r.get("failed", []))
+        rollout = Rollout(generation, workers=len(others) + 1, switched=len(done) + 1 - failed, failed=failed)
+        if rollout.switched < rollout.workers:
+            log.warning("lifecycle: generation %d: %d of %d workers serve it after %gs (%d could not apply it)",
+                        generation, rollout.switched, rollout.workers, SWITCH_WAIT_S, failed)
+        return rollout
 
     # --- management calls ----------------------------------------------------------------------------
 
-    def load(self, name: str, new: NewVersion) -> Versions:
+    def load(self, name: str, new: NewVersion) -> Change:
         """Load a new version of a model in every worker (and make it the default if asked).
 
         Raises:
@@ -191,7 +266,7 @@ class Lifecycle:
 
         return self._change(name, edit, f"loading version '{new.version}' failed")
 
-    def set_default(self, name: str, version: str) -> Versions:
+    def set_default(self, name: str, version: str) -> Change:
         """Raises: ModelNotFoundError: no such model or version."""
         def edit(entry: Entry, generation: int) -> Entry:
             self._known(name, entry, version)
@@ -200,7 +275,7 @@ class Lifecycle:
 
         return self._change(name, edit, "setting the default failed")
 
-    def unload(self, name: str, version: str) -> Versions:
+    def unload(self, name: str, version: str) -> Change:
         """Raises: ModelNotFoundError: no such model or version. VersionConflictError: it is the default."""
         def edit(entry: Entry, generation: int) -> Entry:
             self._known(name, entry, version)
@@ -211,7 +286,7 @@ class Lifecycle:
 
         return self._change(name, edit, "unloading failed")
 
-    def reload(self, name: str, version: str | None = None) -> Versions:
+    def reload(self, name: str, version: str | None = None) -> Change:
         """Re-read a version's checkpoint (the default's when none is named) in every worker.
 
         Raises: ModelNotFoundError; ReloadFailedError: the file doesn't load now, the previous weights keep serving.
@@ -224,7 +299,7 @@ class Lifecycle:
 
         return self._change(name, edit, "reload failed, still serving the previous weights")
 
-    def _change(self, name: str, edit: Callable[[Entry, int], Entry], failure: str) -> Versions:
+    def _change(self, name: str, edit: Callable[[Entry, int], Entry], failure: str) -> Change:
         self.registry.versions(name)  # ModelNotFoundError first
         with self._exclusive():
             state = self._read() if self.dir is not None else None
@@ -245,7 +320,7 @@ class Lifecycle:
             self._applied(generation)
         log.info("lifecycle: generation %d: model '%s' serves versions %s, default %s", generation, name,
                  sorted(model.versions), model.default)
-        return model
+        return Change(model, self._await_workers(generation, name))
 
     def entry(self, name: str) -> Entry:
         """What this worker serves for a model, as a control file entry."""
@@ -320,6 +395,15 @@ class Lifecycle:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
+
+
+def _is_sibling(pid: int) -> bool:
+    """Whether `pid` is alive and another worker of this gunicorn master (its parent is ours)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid()
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:

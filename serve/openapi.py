@@ -201,7 +201,10 @@ SCHEMAS = {
         "version": {"type": "string"}, "default_version": {"type": "string"},
         "versions": {"type": "array", "items": {"type": "object", "properties": {
             "version": {"type": "string"}, "sha256": {"type": "string"}, "checkpoint": {"type": "string"},
-            "default": {"type": "boolean"}}}}}},
+            "default": {"type": "boolean"}}}},
+        "rollout": {"type": "object", "description": "management answers: the control generation, and how many "
+                    "workers serve it", "properties": {"generation": {"type": "integer"}, "workers": {"type": "integer"},
+                                                        "switched": {"type": "integer"}, "failed": {"type": "integer"}}}}},
 }
 
 

@@ -12,7 +12,7 @@ from serve.errors import (
     TooManyImagesError,
     UnsupportedMediaTypeError,
 )
-from serve.lifecycle import Lifecycle, parse_new_version
+from serve.lifecycle import Change, Lifecycle, parse_new_version
 from serve.predictor import Predictor
 from serve.registry import Registry, Served
 from serve.tasks.base import Prepared, Task
@@ -83,25 +83,30 @@ def lifecycle() -> Lifecycle:
 @management.post("/models/<name>/reload")
 @management.post("/models/<name>/versions/<version>/reload")
 def reload_model(name: str, version: str | None = None):
-    model = lifecycle().reload(name, version)
-    return jsonify(model_metadata(model.versions[version or model.default]))
+    change = lifecycle().reload(name, version)
+    return changed(change, version or change.versions.default)
 
 
 @management.post("/models/<name>/versions")
 def load_version(name: str):
     new = parse_new_version(request.get_json(silent=True))
-    model = lifecycle().load(name, new)
-    return jsonify(model_metadata(model.versions[new.version])), 201
+    return changed(lifecycle().load(name, new), new.version), 201
 
 
 @management.put("/models/<name>/versions/<version>/set-default")
 def set_default_version(name: str, version: str):
-    return jsonify(model_metadata(lifecycle().set_default(name, version).served))
+    return changed(lifecycle().set_default(name, version))
 
 
 @management.delete("/models/<name>/versions/<version>")
 def unload_version(name: str, version: str):
-    return jsonify(model_metadata(lifecycle().unload(name, version).served))
+    return changed(lifecycle().unload(name, version))
+
+
+def changed(change: Change, version: str | None = None) -> Response:
+    """A management answer: the version's metadata (the default's), and how many workers serve the change."""
+    served = change.versions.versions[version or change.versions.default]
+    return jsonify({**model_metadata(served), "rollout": change.rollout.to_dict()})
 
 
 @bp.route("/predictions", methods=["POST", "PUT"])

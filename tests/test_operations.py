@@ -93,19 +93,23 @@ def test_rollout_reload_and_rollback_under_load_fail_nothing(tmp_path):
             began = time.monotonic()
             answer = requests.post(f"{url}/versions", json={"version": "2", "checkpoint": "b.pth", "default": True}, timeout=30)
             assert answer.status_code == 201, answer.text
-            wait_all_workers(server.url, pids, 1)
+            # The call answers once every worker serves it.
+            assert answer.json()["rollout"] == {"generation": 1, "workers": 2, "switched": 2, "failed": 0}
+            assert all(g == 1 for g in generations(server.url, pids).values())
             switched.append((began, time.monotonic(), v2))
             time.sleep(1.0)
             save(b, 2)  # new weights in version 2's file, then a reload: every worker reads them again
             v2c = f"2 {sha12(b)}"
             expected_label[v2c] = LABELS[1]  # shift 2: class 1 scores the red channel
             began = time.monotonic()
-            assert requests.post(f"{url}/versions/2/reload", timeout=30).status_code == 200
+            answer = requests.post(f"{url}/versions/2/reload", timeout=30)
+            assert answer.status_code == 200 and answer.json()["rollout"]["switched"] == 2
             wait_all_workers(server.url, pids, 2)
             switched.append((began, time.monotonic(), v2c))
             time.sleep(1.0)
             began = time.monotonic()
-            assert requests.put(f"{url}/versions/1/set-default", timeout=30).status_code == 200  # rollback
+            answer = requests.put(f"{url}/versions/1/set-default", timeout=30)  # rollback
+            assert answer.status_code == 200 and answer.json()["rollout"]["switched"] == 2
             wait_all_workers(server.url, pids, 3)
             switched.append((began, time.monotonic(), v1))
             time.sleep(1.0)

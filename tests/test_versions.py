@@ -160,6 +160,7 @@ def test_load_set_default_unload_and_rollback(files, make_app):
     client = managed(make_app, files).test_client()
     loaded = client.post("/models/tiny/versions", json={"version": "3", "checkpoint": "c.pth"})
     assert loaded.status_code == 201 and loaded.json["version"] == "3" and loaded.json["default_version"] == "1"
+    assert loaded.json["rollout"] == {"generation": 1, "workers": 1, "switched": 1, "failed": 0}
     assert post(client, "/predictions/tiny/3").json["predictions"][0]["label"] == label_for_shift(2)
     assert post(client).headers["X-Model-Version"].startswith("1 ")  # loading doesn't change the default
     made = client.put("/models/tiny/versions/3/set-default")
