@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import LABELS, image_bytes, metric, tiny_model_config, tiny_net
 
-from serve.app import create_app
 from serve.config import build_config
 from serve.errors import ConfigError
 
