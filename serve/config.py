@@ -222,7 +222,7 @@ class ServerSettings(_Frozen):
     tls_min_version: Literal["1.2", "1.3"] = "1.2"
     # Operations (README, Operations): admission bounded in time, and model lifecycle across workers.
     max_queue_wait_ms: float = Field(
-        500.0, gt=0, description="admit a request only if its predicted wait for the model fits; otherwise 503 at once")
+        250.0, gt=0, description="admit a request only if its predicted wait for the model fits; otherwise 503 at once")
     state_dir: Path | None = Field(
         None, description="where the workers share the management control file; gunicorn makes one if unset")
     models_dir: Path | None = Field(
