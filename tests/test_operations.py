@@ -240,3 +240,34 @@ def test_a_shed_answer_reaches_a_client_still_sending_a_large_body_on_keep_alive
             assert status == 200 and json.loads(body) == {"status": "Healthy"}
     finally:
         assert server.stop() == 0
+
+
+def test_tritonclient_timeout_is_the_request_deadline(tmp_path):
+    import numpy as np
+    import pytest
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    # One worker, 1 s an image: while one request runs, the next would wait about a second.
+    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 1000, max_queue_wait_ms=60_000)),
+                     "WEB_CONCURRENCY": "1"}, tmp_path / "g.log")
+    triton = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=30.0)
+    try:
+        image = httpclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([RED], dtype=object), binary_data=True)
+        busy = threading.Thread(target=lambda: requests.post(f"{server.url}/predictions/slow", data=RED, timeout=30,
+                                                             headers={"Content-Type": "image/png"}))
+        busy.start()
+        time.sleep(0.3)  # its forward is running
+        started = time.monotonic()
+        with pytest.raises(InferenceServerException) as refused:
+            triton.infer("slow", [image], timeout=200_000)  # 200 ms, in microseconds
+        assert time.monotonic() - started < 0.5  # refused at once, not after waiting
+        assert refused.value.status() == "503"
+        assert "over 200000 us (the request's timeout parameter)" in refused.value.message()
+        busy.join(30)
+        answer = triton.infer("slow", [image], timeout=10_000_000)
+        assert answer.get_response()["model_version"] == "1"
+    finally:
+        triton.close()
+        assert server.stop() == 0
