@@ -248,8 +248,8 @@ def test_tritonclient_timeout_is_the_request_deadline(tmp_path):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    # One worker, 1 s an image: while one request runs, the next would wait about a second.
-    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 1000, max_queue_wait_ms=60_000)),
+    # One worker, 500 ms an image: while one request runs, the next would wait about that long.
+    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 500, max_queue_wait_ms=60_000)),
                      "WEB_CONCURRENCY": "1"}, tmp_path / "g.log")
     triton = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=30.0)
     try:
@@ -258,7 +258,7 @@ def test_tritonclient_timeout_is_the_request_deadline(tmp_path):
         busy = threading.Thread(target=lambda: requests.post(f"{server.url}/predictions/slow", data=RED, timeout=30,
                                                              headers={"Content-Type": "image/png"}))
         busy.start()
-        time.sleep(0.3)  # its forward is running
+        time.sleep(0.2)  # its forward is running
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as refused:
             triton.infer("slow", [image], timeout=200_000)  # 200 ms, in microseconds
