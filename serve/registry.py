@@ -15,7 +15,7 @@ import torch
 
 from serve.admission import Deadline, ServiceTime, retry_after_s
 from serve.batching import Batcher, Lane, make_lane
-from serve.config import ModelSpec, ServeConfig
+from serve.config import DEFAULT_VERSION, ModelSpec, ServeConfig
 from serve.cores import SMALL_FORWARD_MS, CoreShare, available_cores
 from serve.errors import (
     BatchTimeoutError,
@@ -154,6 +154,8 @@ class Registry:
             try:
                 versions[version] = self._build(self.version_spec(name, version, source), version, source)
             except ServeError as exc:
+                if len(wanted) == 1 and version == DEFAULT_VERSION:
+                    raise  # a model with one version: its message needs no version
                 raise type(exc)(f"{exc.message} (version '{version}')") from None
         model = Versions(MappingProxyType(versions), default)
         self.models[name] = model
