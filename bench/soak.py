@@ -64,7 +64,10 @@ def main() -> int:
     photo = cat_jpeg()
     log = Path(tempfile.mkdtemp(prefix="soak-")) / "gunicorn.log"
     # The default model (efficientnet_lite0, asked for below), whatever SERVE_* the shell has set.
-    server = Server({"SERVE_DEVICE": "cpu", "WEB_CONCURRENCY": str(args.workers)}, log, inherit_settings=False)
+    # A generous wait budget: the soak is about what hostile input and time do to the workers, and on a
+    # machine shared with other jobs 8 clients' queue can outlast max_queue_wait_ms (admission: tests/test_admission.py).
+    server = Server({"SERVE_DEVICE": "cpu", "WEB_CONCURRENCY": str(args.workers), "SERVE_MAX_QUEUE_WAIT_MS": "60000"},
+                    log, inherit_settings=False)
     model = "efficientnet_lite0"
     pids_before = worker_pids(server.proc.pid, expected=args.workers)
     samples = [{"t": 0.0, **{str(p): memory_kb(p) for p in pids_before}}]

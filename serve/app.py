@@ -10,6 +10,7 @@ from serve.access import register_request_hooks
 from serve.auth import ApiKeys, register_auth
 from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
+from serve.lifecycle import Lifecycle, check_state_dir
 from serve.metrics import Metrics
 from serve.openapi import build_openapi, v2_paths
 from serve.page import page
@@ -29,6 +30,8 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     elif not isinstance(config, ServeConfig):
         config = build_config(config)
     api_keys = ApiKeys.from_settings(config.server)  # a broken keys file stops start-up before any model loads
+    if config.server.enable_management:
+        check_state_dir(config.server.state_dir)
     metrics = Metrics()
     registry = Registry.load(config, metrics=metrics)
     app = Flask(__name__, static_folder=None)  # the page blueprint serves serve/static itself
@@ -38,7 +41,13 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["serve"] = registry
     app.extensions["serve.metrics"] = metrics
-    app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.predictors)),
+    # Versions loaded, made default, unloaded or reloaded through the management API, in every worker:
+    # the control file in state_dir is applied before serving (a worker respawned later too).
+    models_dir = config.server.models_dir or (config.source.parent if config.source is not None else None)
+    lifecycle = Lifecycle(registry, config.server.state_dir, models_dir, metrics)
+    lifecycle.sync()
+    app.extensions["serve.lifecycle"] = lifecycle
+    app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.models)),
                                                    management=config.server.enable_management)
     app.register_blueprint(bp)
     app.register_blueprint(v2)
@@ -46,6 +55,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)
-    register_request_hooks(app, metrics, registry.default_name, frozenset(registry.predictors))
+    register_request_hooks(app, metrics, registry.default_name, frozenset(registry.models))
+    app.before_request(lifecycle.watch)  # once per process: the watcher thread (gunicorn starts it earlier)
     register_auth(app, api_keys)  # after the request hooks: a refused request is logged and counted too
     return app

@@ -299,6 +299,7 @@ def exposure_warning(server: ServerSettings, hosts: Iterable[str]) -> str | None
     what = ("run predictions (/predictions, /v2/models/<name>/infer), read model metadata (/models, /v2, "
             "/openapi.json) and /metrics")
     if server.enable_management:
-        what += ", and reload models (POST /models/<name>/reload: enable_management is on)"
+        what += (", and load, switch, unload and reload models (POST /models/<name>/versions, /reload, ...: "
+                 "enable_management is on)")
     return (f"listening on {', '.join(h or '*' for h in exposed)} without API keys: anyone who can reach it can "
             f"{what}. Set SERVE_API_KEYS_FILE (README, Security) to require keys.")

@@ -16,13 +16,19 @@ _STOP = object()
 _CALL = "__call__"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Lane:
     """One model's batch function and its batching limits."""
 
     fn: Callable[[list[Any]], Sequence[Any]]
     max_batch_size: int = 4
     max_delay_s: float = 0.0
+
+
+def make_lane(fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 4, max_delay_ms: float = 0.0) -> Lane:
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be at least 1")
+    return Lane(fn, max_batch_size, max_delay_ms / 1000.0)
 
 
 class Batcher:
@@ -50,6 +56,10 @@ class Batcher:
         with self._pending_lock:
             return self._pending
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def _done(self, _future: Future) -> None:
         with self._pending_lock:
             self._pending -= 1
@@ -58,7 +68,7 @@ class Batcher:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._held: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._held: dict[Lane, collections.deque] = collections.defaultdict(collections.deque)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -68,9 +78,7 @@ class Batcher:
 
     def add_lane(self, key: str, fn: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 4,
                  max_delay_ms: float = 0.0) -> None:
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
-        self.lanes[key] = Lane(fn, max_batch_size, max_delay_ms / 1000.0)
+        self.lanes[key] = make_lane(fn, max_batch_size, max_delay_ms)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run fn(*args) on the batcher's thread, between batches."""
@@ -79,13 +87,17 @@ class Batcher:
     def submit(self, key: str, item: Any) -> Future:
         return self.submit_many(key, [item])[0]
 
-    def submit_many(self, key: str, items: Sequence[Any]) -> list[Future]:
-        """Queue items for a lane, in order; each Future gets its own result, or its batch's exception."""
+    def submit_many(self, key: str | Lane, items: Sequence[Any]) -> list[Future]:
+        """Queue items for a lane (its key, or the Lane itself), in order; each Future gets its own
+        result, or its batch's exception. Queued items keep their Lane: they run on it even if the
+        key is given to another lane meanwhile (a model version replaced while requests wait)."""
+        if isinstance(key, Lane):
+            return self._put(key, items)
         if key not in self.lanes:
             raise KeyError(f"{self.name} has no lane '{key}'")
-        return self._put(key, items)
+        return self._put(self.lanes[key], items)
 
-    def _put(self, key: str, items: Sequence[Any]) -> list[Future]:
+    def _put(self, key: Lane | str, items: Sequence[Any]) -> list[Future]:
         if self._stopped:
             raise RuntimeError(f"{self.name} is stopped")
         futures = []
@@ -116,23 +128,23 @@ class Batcher:
                 if first is _STOP:
                     stopping = True
                     continue
-            key, item, future = first
-            if key == _CALL:
+            lane, item, future = first
+            if lane is _CALL:
                 self._execute(lambda calls: [fn(*args) for fn, args in calls], [(item, future)])
                 continue
-            batch, saw_stop = self._gather(key, [(item, future)])
+            batch, saw_stop = self._gather(lane, [(item, future)])
             stopping = stopping or saw_stop
-            self._execute(self.lanes[key].fn, batch)
+            self._execute(lane.fn, batch)
 
     def _next_held(self):
-        for key, held in self._held.items():
+        for lane, held in list(self._held.items()):
             if held:
-                return (key, *held.popleft())
+                return (lane, *held.popleft())
+            del self._held[lane]  # a replaced lane's entry goes once empty
         return None
 
-    def _gather(self, key: str, batch: list) -> tuple[list, bool]:
-        lane = self.lanes[key]
-        held = self._held[key]
+    def _gather(self, lane: Lane, batch: list) -> tuple[list, bool]:
+        held = self._held[lane]
         while held and len(batch) < lane.max_batch_size:
             batch.append(held.popleft())
         deadline = time.monotonic() + lane.max_delay_s
@@ -145,7 +157,7 @@ class Batcher:
             if entry is _STOP:
                 return batch, True
             other, item, future = entry
-            if other == key:
+            if other is lane:
                 batch.append((item, future))
             else:  # another lane's (or a call): it waits its turn, in order
                 self._held[other].append((item, future))

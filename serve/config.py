@@ -27,6 +27,7 @@ DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
 PACKAGE_SCHEME = "package://"
 TORCHVISION_LABELS_SCHEME = "torchvision:"
 DEVICE_PATTERN = r"^(cpu|cuda|cuda:\d+|auto)$"
+DEFAULT_VERSION = "1"  # the version of a model configured without `versions`
 
 
 class _Frozen(BaseModel):
@@ -64,6 +65,25 @@ class PreprocessSpec(_Frozen):
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
         return self
+
+
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
+
+
+class VersionSpec(_Frozen):
+    """One version of a model: its own checkpoint, and the fields that may differ between versions."""
+
+    version: str = Field(pattern=VERSION_PATTERN)
+    checkpoint: Path
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    state_dict_key: str | None = None
+    weights: Literal["default", "ema"] | None = None
+    strip_prefix: str | None = Field(None, pattern=r"^[^.].*\.$")
+    labels: tuple[str, ...] | Path | str | None = None
+
+
+# The fields a version entry sets over its model's (None: the model's own).
+VERSION_FIELDS = ("checkpoint", "sha256", "state_dict_key", "weights", "strip_prefix", "labels")
 
 
 class ModelSpec(_Frozen):
@@ -104,6 +124,11 @@ class ModelSpec(_Frozen):
     task_options: Any = None
     response_format: Literal["json", "torchserve"] = Field(
         "json", description="the default answer shape; torchserve: that of TorchServe's default handlers")
+    # Versions (README, Operations): each its own checkpoint; `checkpoint` is then the default
+    # version's, filled in from the list when the entry leaves it out.
+    versions: tuple[VersionSpec, ...] = Field((), description="versions served under /predictions/<name>/<version>")
+    default_version: str | None = Field(None, pattern=VERSION_PATTERN,
+                                        description="the version answering /predictions/<name>; default: the last listed")
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +139,13 @@ class ModelSpec(_Frozen):
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        versions = data.get("versions")
+        if versions and "checkpoint" not in data and isinstance(versions, list):
+            default = data.get("default_version")
+            chosen = [v for v in versions if isinstance(v, dict) and str(v.get("version")) == str(default)]
+            last = chosen[-1] if chosen else versions[-1]
+            if isinstance(last, dict) and "checkpoint" in last:
+                data["checkpoint"] = last["checkpoint"]
         task = data.get("task", "classify")
         if task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r:.40}")
@@ -135,7 +167,35 @@ class ModelSpec(_Frozen):
         for name in self.safe_globals:
             if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
                 raise ValueError(f"safe_globals entry '{name}' is not 'package.module:Class'")
+        names = [v.version for v in self.versions]
+        repeated = sorted({v for v in names if names.count(v) > 1})
+        if repeated:
+            raise ValueError(f"versions must be unique, repeated: {repeated}")
+        if self.default_version is not None and self.default_version not in (names or [DEFAULT_VERSION]):
+            raise ValueError(f"default_version '{self.default_version}' is not one of the versions {names or [DEFAULT_VERSION]}")
         return self
+
+    @property
+    def version_names(self) -> tuple[str, ...]:
+        """The configured versions, in order; a model without versions has one, "1"."""
+        return tuple(v.version for v in self.versions) or (DEFAULT_VERSION,)
+
+    @property
+    def default(self) -> str:
+        return self.default_version or self.version_names[-1]
+
+    def for_version(self, version: str) -> ModelSpec:
+        """This spec with a version's own fields (checkpoint, sha256, ...) over the model's.
+
+        Raises: KeyError: no such version configured.
+        """
+        if not self.versions and version == DEFAULT_VERSION:
+            return self
+        entry = next((v for v in self.versions if v.version == version), None)
+        if entry is None:
+            raise KeyError(version)
+        own = {f: getattr(entry, f) for f in VERSION_FIELDS if getattr(entry, f) is not None}
+        return self.model_copy(update={**own, "sha256": entry.sha256})  # the model's sha256 is another file's
 
 
 class ServerSettings(_Frozen):
@@ -165,6 +225,13 @@ class ServerSettings(_Frozen):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle: every client must present a certificate it signed")
     tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    # Operations (README, Operations): admission bounded in time, and model lifecycle across workers.
+    max_queue_wait_ms: float = Field(
+        250.0, gt=0, description="admit a request only if its predicted wait for the model fits; otherwise 503 at once")
+    state_dir: Path | None = Field(
+        None, description="where the workers share the management control file; gunicorn makes one if unset")
+    models_dir: Path | None = Field(
+        None, description="new versions load only from files under it; default: the config file's directory")
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
@@ -225,10 +292,14 @@ SERVER_ENV = {
     "SERVE_TLS_KEY_FILE": "tls_key_file",
     "SERVE_TLS_CA_FILE": "tls_ca_file",
     "SERVE_TLS_MIN_VERSION": "tls_min_version",
+    "SERVE_MAX_QUEUE_WAIT_MS": "max_queue_wait_ms",
+    "SERVE_STATE_DIR": "state_dir",
+    "SERVE_MODELS_DIR": "models_dir",
 }
 # Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
 # are), relative to the working directory when the environment does.
-SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file", "onnx_cache_dir")
+SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file", "onnx_cache_dir", "state_dir",
+                      "models_dir")
 # Never echoed in an error message: the value may hold keys.
 SECRET_FIELDS = ("api_keys",)
 
@@ -310,7 +381,24 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> 
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
         model["labels"] = _resolve_path(labels, base, name, "labels")
+    if isinstance(model.get("default_version"), (int, float)) and not isinstance(model["default_version"], bool):
+        model["default_version"] = str(model["default_version"])
+    if isinstance(model.get("versions"), list):
+        model["versions"] = [_resolve_version(v, base, name) for v in model["versions"]]
     return model
+
+
+def _resolve_version(raw: Any, base: Path, model: str) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    version = dict(raw)
+    if isinstance(version.get("version"), (int, float)) and not isinstance(version.get("version"), bool):
+        version["version"] = str(version["version"])  # `version: 2` in YAML means "2"
+    for field in ("checkpoint", "labels"):
+        value = version.get(field)
+        if isinstance(value, str) and not (field == "labels" and value.startswith(TORCHVISION_LABELS_SCHEME)):
+            version[field] = _resolve_path(value, base, model, f"versions.{field}")
+    return version
 
 
 def _with_folder_fields(model: dict, name: str) -> dict:

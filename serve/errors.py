@@ -5,8 +5,10 @@ import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from serve.wire import drain_after
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +109,29 @@ class NotReadyError(ServeError):
 
 
 class OverloadedError(ServeError):
-    """The worker's queue is full: answered at once, with Retry-After, instead of queueing without bound."""
+    """The request would wait longer than the server's budget (or its own deadline), or the queue holds
+    max_queue images: answered at once, with Retry-After (the predicted wait, whole seconds, at least 1)."""
 
     status = 503
     code = "overloaded"
-    retry_after_s = 1
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 class BatchTimeoutError(ServeError):
+    """The request's deadline (request_timeout_s, or the client's own) passed before its answer."""
+
     status = 503
     code = "timeout"
+
+
+class VersionConflictError(ServeError):
+    """A lifecycle call that contradicts the served state: a version that exists already, unloading the default."""
+
+    status = 409
+    code = "version_conflict"
 
 
 def error_response(status: int, code: str, message: str):
@@ -139,17 +154,19 @@ def finish_serve_error(exc: ServeError, response: Response) -> Response:
     real server faults, the error's own headers (WWW-Authenticate), Retry-After on 503s (overload,
     timeouts, not ready)."""
     note_error_code(exc.code)
+    drain_after(response, request.environ, current_app.config.get("MAX_CONTENT_LENGTH"))
     response.headers.update(exc.headers)
     if exc.status >= 500 and exc.status != 503:
         log.error("%s: %s", exc.code, exc.message)
     if exc.status == 503:
-        response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
+        response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))  # OverloadedError's: its predicted wait
     return response
 
 
 def finish_http_error(exc: HTTPException, response: Response) -> Response:
     """What every HTTPException answer shares: its code noted, Allow on a 405."""
     note_error_code(http_error_code(exc))
+    drain_after(response, request.environ, current_app.config.get("MAX_CONTENT_LENGTH"))
     if exc.code == 405 and getattr(exc, "valid_methods", None):
         response.headers["Allow"] = ", ".join(exc.valid_methods)
     return response

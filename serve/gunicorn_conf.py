@@ -94,6 +94,13 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="serve-metrics-")
     _master_pid = os.getpid()
     atexit.register(lambda: os.getpid() == _master_pid and shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], True))
+# The management API's control file (serve/lifecycle.py) lives in a directory every worker shares:
+# state_dir, or one made here (writable on a read-only root: /dev/shm or the temp dir) and removed
+# when the master exits. It is read by the app, so it goes through the environment like the metrics'.
+if _server.enable_management and _server.state_dir is None:
+    os.environ["SERVE_STATE_DIR"] = tempfile.mkdtemp(prefix="serve-state-", dir=worker_tmp_dir)
+    _state_master = os.getpid()
+    atexit.register(lambda: os.getpid() == _state_master and shutil.rmtree(os.environ["SERVE_STATE_DIR"], True))
 # NVML answers "is there a GPU" without initialising CUDA in the master, which would break forked workers.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 preload_app = _server.preload if _server.preload is not None else not any(
@@ -136,8 +143,11 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    # ONNX Runtime sessions are made in the process that runs them: each worker starts its own here,
-    # before it accepts a connection, so no request pays for it.
+    """The worker's app is loaded: catch up with the control file, then start every model's runtime here
+    (ONNX Runtime sessions are made in the process that runs them), all before it takes a request."""
+    lifecycle = getattr(worker.wsgi, "extensions", {}).get("serve.lifecycle")
+    if lifecycle is not None:
+        lifecycle.start()
     registry = getattr(worker.wsgi, "extensions", {}).get("serve")
     if registry is not None:
         registry.warm_runtimes()

@@ -41,6 +41,13 @@ class Metrics:
         self.load_seconds = Gauge("serve_model_load_seconds", "Time to load a model's checkpoint", ["model"],
                                   multiprocess_mode="max", registry=r)
         self.errors = Counter("serve_errors", "Error responses by code", ["code"], registry=r)
+        # Operations: what admission refused and why; each worker's control generation and failed switches.
+        self.shed = Counter("serve_shed", "Requests refused or cancelled by admission (reason: predicted_wait, "
+                            "queue_full, deadline)", ["model", "reason"], registry=r)
+        self.control_generation = Gauge("serve_control_generation", "The management control file generation "
+                                        "this worker has applied", multiprocess_mode="liveall", registry=r)
+        self.lifecycle_failures = Counter("serve_lifecycle_failures", "Version changes this worker could not "
+                                          "apply (it kept the previous versions)", ["model"], registry=r)
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()

@@ -32,19 +32,31 @@ IMAGE_BODY = {
 }
 
 
+VERSION_HEADER = {"X-Model-Version": {"description": "the version that answered and the first 12 hex digits of "
+                                                    "its checkpoint's sha256, e.g. '2 3b1c0f9e2a4d'",
+                                     "schema": {"type": "string"}}}
+TIMEOUT_PARAM = {"name": "X-Request-Timeout-Ms", "in": "header", "required": False,
+                 "schema": {"type": "number", "exclusiveMinimum": 0},
+                 "description": "the client's deadline in ms: 503 overloaded at once if the predicted wait is longer, "
+                                "503 timeout if it passes while queued"}
+VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 def prediction_responses(result_refs: list[dict]) -> dict:
     """The answers of /predictions: one result per image (the served models' tasks), a list for several files."""
     one = result_refs[0] if len(result_refs) == 1 else {"oneOf": result_refs}
     return {
         "200": {"description": "one answer per image; a list when several files were sent; with "
                                "format=torchserve, TorchServe's handler shape; with format=png (segment), the mask",
+                "headers": VERSION_HEADER,
                 "content": {"application/json": {"schema": {"anyOf": [one, {"type": "array", "items": one}, {}]}},
                             "image/png": {"schema": {"type": "string", "format": "binary"}}}},
         "400": _error("undecodable image or bad request"),
-        "404": _error("unknown model"),
+        "404": _error("unknown model or version"),
         "413": _error("body, pixels or files over the limits"),
         "415": _error("not an image content type"),
-        "503": _error("overloaded (with Retry-After) or timed out"),
+        "503": _error("overloaded: the predicted wait is over the budget or the deadline (Retry-After: the "
+                      "predicted wait, in s), or timed out"),
     }
 
 
@@ -83,6 +95,7 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
                   "schema": {"type": "string", "enum": sorted({f for t in tasks.values() for f in t.formats})},
                   "description": "json (the default), torchserve (TorchServe's handler answer), png (a segment mask itself)"})
     model_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
+    query.append(TIMEOUT_PARAM)
     predict = {"requestBody": IMAGE_BODY, "responses": prediction_responses(refs), "parameters": query}
     paths: dict[str, Any] = {
         "/": {"get": {"summary": "The web page: drop a photo, see the top-k", "responses": {"200": {
@@ -96,25 +109,33 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
         "/models": {"get": {"summary": "Metadata of every model", "responses": {"200": _json(
             {"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}},
              "required": ["models"]})}}},
-        "/models/{name}": {"get": {"summary": "Metadata of one model", "parameters": [model_param],
+        "/models/{name}": {"get": {"summary": "Metadata of one model (its default version), with its versions",
+                                   "parameters": [model_param],
                                    "responses": {"200": _json({"$ref": "#/components/schemas/Model"}),
                                                  "404": _error("unknown model")}}},
+        "/models/{name}/versions/{version}": {"get": {
+            "summary": "Metadata of one version of a model", "parameters": [model_param, VERSION_PARAM],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Model"}),
+                          "404": _error("unknown model or version")}}},
         "/predictions": {"post": {"summary": "Predict with the first model", **predict},
                          "put": {"summary": "Predict with the first model", **predict}},
         "/predictions/{name}": {
             "post": {"summary": "Predict for one or more images", **predict, "parameters": [model_param, *query]},
             "put": {"summary": "Predict for one or more images", **predict, "parameters": [model_param, *query]},
         },
+        "/predictions/{name}/{version}": {
+            "post": {"summary": "Predict with one version of a model", **predict,
+                     "parameters": [model_param, VERSION_PARAM, *query]},
+            "put": {"summary": "Predict with one version of a model", **predict,
+                    "parameters": [model_param, VERSION_PARAM, *query]},
+        },
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
             "description": "exposition text", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
     }
     if management:
-        paths["/models/{name}/reload"] = {"post": {
-            "summary": "Re-read the checkpoint; the new weights serve once loaded and warm (this worker only)",
-            "parameters": [model_param],
-            "responses": {"200": _json({"$ref": "#/components/schemas/Model"}), "404": _error("unknown model"),
-                          "409": _error("reload failed: the previous weights keep serving")}}}
+        for path, operations in management_paths(model_param).items():
+            paths.setdefault(path, {}).update(operations)
     paths.update(extra_paths or {})
     return {
         "openapi": "3.1.0",
@@ -123,6 +144,39 @@ def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
                                 "and the Open Inference Protocol (V2)."},
         "paths": paths,
         "components": {"schemas": {**SCHEMAS, **results}},
+    }
+
+
+def management_paths(model_param: dict) -> dict[str, Any]:
+    """The lifecycle routes (serve/lifecycle.py): each change is applied by every worker."""
+    model = {"$ref": "#/components/schemas/Model"}
+    failed = _error("the version doesn't load (nothing changed, the previous versions keep serving), or the "
+                    "change contradicts the served versions (an existing version, unloading the default)")
+    return {
+        "/models/{name}/reload": {"post": {
+            "summary": "Re-read the default version's checkpoint in every worker; each switches once loaded and warm",
+            "parameters": [model_param],
+            "responses": {"200": _json(model), "404": _error("unknown model"), "409": failed}}},
+        "/models/{name}/versions/{version}/reload": {"post": {
+            "summary": "Re-read one version's checkpoint in every worker", "parameters": [model_param, VERSION_PARAM],
+            "responses": {"200": _json(model), "404": _error("unknown model or version"), "409": failed}}},
+        "/models/{name}/versions": {"post": {
+            "summary": "Load a new version from a file under models_dir, in every worker",
+            "parameters": [model_param],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["version", "checkpoint"], "additionalProperties": False,
+                "properties": {"version": {"type": "string"}, "checkpoint": {"type": "string"},
+                               "sha256": {"type": "string"}, "default": {"type": "boolean"}}}}}},
+            "responses": {"201": _json(model, "loaded and warm in this worker; the others follow"),
+                          "400": _error("bad body, or a path outside models_dir"),
+                          "404": _error("unknown model"), "409": failed}}},
+        "/models/{name}/versions/{version}/set-default": {"put": {
+            "summary": "Make a version the default in every worker", "parameters": [model_param, VERSION_PARAM],
+            "responses": {"200": _json(model), "404": _error("unknown model or version"), "409": failed}}},
+        "/models/{name}/versions/{version}": {"delete": {
+            "summary": "Unload a version (not the default) in every worker", "parameters": [model_param, VERSION_PARAM],
+            "responses": {"200": _json(model, "the model's metadata after the change"),
+                          "404": _error("unknown model or version"), "409": failed}}},
     }
 
 
@@ -143,7 +197,14 @@ SCHEMAS = {
         "topk": {"type": "integer"},
         "checkpoint": {"type": "object", "properties": {"file": {"type": "string"}, "sha256": {"type": "string"},
                        "layout": {"type": "string"}, "skipped_keys": {"type": "integer"}}},
-        "load_time_s": {"type": "number"}}},
+        "load_time_s": {"type": "number"},
+        "version": {"type": "string"}, "default_version": {"type": "string"},
+        "versions": {"type": "array", "items": {"type": "object", "properties": {
+            "version": {"type": "string"}, "sha256": {"type": "string"}, "checkpoint": {"type": "string"},
+            "default": {"type": "boolean"}}}},
+        "rollout": {"type": "object", "description": "management answers: the control generation, and how many "
+                    "workers serve it", "properties": {"generation": {"type": "integer"}, "workers": {"type": "integer"},
+                                                        "switched": {"type": "integer"}, "failed": {"type": "integer"}}}}},
 }
 
 
@@ -172,7 +233,8 @@ def v2_paths(names: list[str]) -> dict[str, Any]:
                  "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
              "responses": {
-                 "200": {"description": "outputs (JSON, or JSON header + binary tensors)", "content": {
+                 "200": {"description": "outputs (JSON, or JSON header + binary tensors)", "headers": VERSION_HEADER,
+                         "content": {
                      "application/json": {"schema": {"$ref": "#/components/schemas/V2InferResponse"}},
                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                  "400": _v2_error("malformed request, wrong shape or datatype, undecodable image"),
@@ -194,8 +256,8 @@ def v2_paths(names: list[str]) -> dict[str, Any]:
         "/v2/models/{name}/versions/{version}": {"get": {**metadata, "parameters": [name, version]}},
         "/v2/models/{name}/ready": {"get": {**ready, "parameters": [name]}},
         "/v2/models/{name}/versions/{version}/ready": {"get": {**ready, "parameters": [name, version]}},
-        "/v2/models/{name}/infer": {"post": {**infer, "parameters": [name]}},
-        "/v2/models/{name}/versions/{version}/infer": {"post": {**infer, "parameters": [name, version]}},
+        "/v2/models/{name}/infer": {"post": {**infer, "parameters": [name, TIMEOUT_PARAM]}},
+        "/v2/models/{name}/versions/{version}/infer": {"post": {**infer, "parameters": [name, version, TIMEOUT_PARAM]}},
     }
 
 

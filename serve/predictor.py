@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ class Predictor:
             self._choose_runtime(model_input)
         if self.eager is not None and self.loaded.device.type == "cpu":
             self.forward_ms = self._time_forward(blank)
+        if "onnxruntime" in sys.modules:
+            # This process runs ONNX Runtime already (a worker loading a new version, or no gunicorn at
+            # all): start the new session now, so the version is switched in warm.
+            self.warm_runtime()
 
     def _choose_runtime(self, model_input: Any) -> None:
         """ONNX Runtime where the export (or its cached copy) answers as eager does; else eager, with the reason.

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Request, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from serve.admission import TIMEOUT_HEADER, header_timeout_s
 from serve.errors import (
     InvalidRequestError,
     NotReadyError,
@@ -11,14 +12,17 @@ from serve.errors import (
     TooManyImagesError,
     UnsupportedMediaTypeError,
 )
+from serve.lifecycle import Change, Lifecycle, parse_new_version
 from serve.predictor import Predictor
-from serve.registry import Registry
+from serve.registry import Registry, Served
 from serve.tasks.base import Prepared, Task
 
 bp = Blueprint("serve", __name__)
 management = Blueprint("management", __name__)
 # Bodies taken as raw image bytes; curl --data-binary sends form-urlencoded unless told otherwise.
 RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded", "")
+# On every prediction answer: "<version> <first 12 hex digits of the checkpoint's sha256>".
+VERSION_HEADER = "X-Model-Version"
 
 
 def registry() -> Registry:
@@ -35,7 +39,7 @@ def ready():
     reg = registry()
     if not reg.ready:
         raise NotReadyError("models are still loading")
-    return jsonify(status="ready", models=list(reg.predictors))
+    return jsonify(status="ready", models=list(reg.models))
 
 
 @bp.get("/metrics")
@@ -51,32 +55,78 @@ def openapi():
 
 @bp.get("/models")
 def list_models():
-    return jsonify(models=[p.metadata() for p in registry().predictors.values()])
+    reg = registry()
+    return jsonify(models=[model_metadata(reg.served(name)) for name in reg.models])
 
 
 @bp.get("/models/<name>")
-def describe_model(name: str):
-    return jsonify(registry().get(name).metadata())
+@bp.get("/models/<name>/versions/<version>")
+def describe_model(name: str, version: str | None = None):
+    return jsonify(model_metadata(registry().served(name, version)))
+
+
+def model_metadata(served: Served) -> dict:
+    """A version's metadata (its default's for a model), with the model's versions and its default."""
+    model = registry().versions(served.name)
+    return {**served.predictor.metadata(), "version": served.version, "default_version": model.default,
+            "versions": [{"version": v, "sha256": s.predictor.loaded.sha256, "checkpoint": s.source.checkpoint,
+                          "default": v == model.default} for v, s in model.versions.items()]}
+
+
+# --- management: every worker applies these (serve/lifecycle.py) --------------------------------------
+
+
+def lifecycle() -> Lifecycle:
+    return current_app.extensions["serve.lifecycle"]
 
 
 @management.post("/models/<name>/reload")
-def reload_model(name: str):
-    return jsonify(registry().reload(name).metadata())
+@management.post("/models/<name>/versions/<version>/reload")
+def reload_model(name: str, version: str | None = None):
+    change = lifecycle().reload(name, version)
+    return changed(change, version or change.versions.default)
+
+
+@management.post("/models/<name>/versions")
+def load_version(name: str):
+    new = parse_new_version(request.get_json(silent=True))
+    return changed(lifecycle().load(name, new), new.version), 201
+
+
+@management.put("/models/<name>/versions/<version>/set-default")
+def set_default_version(name: str, version: str):
+    return changed(lifecycle().set_default(name, version))
+
+
+@management.delete("/models/<name>/versions/<version>")
+def unload_version(name: str, version: str):
+    return changed(lifecycle().unload(name, version))
+
+
+def changed(change: Change, version: str | None = None) -> Response:
+    """A management answer: the version's metadata (the default's), and how many workers serve the change."""
+    served = change.versions.versions[version or change.versions.default]
+    return jsonify({**model_metadata(served), "rollout": change.rollout.to_dict()})
 
 
 @bp.route("/predictions", methods=["POST", "PUT"])
 @bp.route("/predictions/<name>", methods=["POST", "PUT"])
-def predict(name: str | None = None):
+@bp.route("/predictions/<name>/<version>", methods=["POST", "PUT"])
+def predict(name: str | None = None, version: str | None = None):
     reg = registry()
-    predictor = reg.get(name or reg.default_name)
+    served = reg.served(name or reg.default_name, version)
+    predictor = served.predictor
     params = predictor.task.parse_params(request.args)
     answer_format = parse_format(request, predictor)
-    reg.admit()
+    deadline = reg.deadline(header_timeout_s(request.headers), f"{request.headers.get(TIMEOUT_HEADER)} ms ({TIMEOUT_HEADER})")
+    reg.admit(served.name, 1, deadline)
     images, many = read_images(request, reg.config.server.max_images_per_request)
     prepared = [preprocess_one(predictor, data, i, len(images)) for i, data in enumerate(images)]
-    inference = reg.infer(predictor.name, [p.tensor for p in prepared])
+    inference = reg.infer(served, [p.tensor for p in prepared], deadline)
     g.batch_size = inference.batch_size  # for the access log
-    return render_answer(predictor.task, inference.outputs, prepared, params, answer_format, many)
+    answer = render_answer(predictor.task, inference.outputs, prepared, params, answer_format, many)
+    answer.headers[VERSION_HEADER] = served.tag
+    return answer
 
 
 def parse_format(req: Request, predictor: Predictor) -> str:
@@ -91,7 +141,8 @@ def parse_format(req: Request, predictor: Predictor) -> str:
     return answer_format
 
 
-def render_answer(task: Task, outputs: list, prepared: list[Prepared], params: dict, answer_format: str, many: bool):
+def render_answer(task: Task, outputs: list, prepared: list[Prepared], params: dict, answer_format: str,
+                  many: bool) -> Response:
     """The task's answer for each image: JSON (a list for several files), TorchServe's shape, or a PNG.
 
     Raises: InvalidRequestError: a PNG asked for several images.

@@ -9,8 +9,12 @@ Routes (https://kserve.github.io/website/latest/modelserving/data_plane/v2_proto
     GET  /v2/models/<name>[/versions/<v>]/ready        200 {"name", "ready": true}; 503 when not warm
     POST /v2/models/<name>[/versions/<v>]/infer        inference, below
 
-Every model has one version, "1" (a reload replaces the weights in place). Its metadata declares two
-inputs; a request sends exactly one of them:
+A model's versions are those configured (`versions:`, "1" for a model without) and those loaded
+through the management API; a path without /versions/<v> means the default version. The answer
+names its version in "model_version" and in the header X-Model-Version ("<version> <sha256[:12]>").
+The request parameter "timeout" (microseconds, as tritonclient's infer(timeout=...) sends it) is
+the request's deadline: 503 at once when the predicted wait is longer, 503 when it passes queued.
+Its metadata declares two inputs; a request sends exactly one of them:
 
 - `input`: FP32 [N, C, H, W], already preprocessed (resized, cropped, normalised as the model
   expects): it goes straight into the model. As JSON `data` (flat row-major or nested) or binary.
@@ -66,15 +70,16 @@ from werkzeug.exceptions import (
 
 from serve.errors import (
     InvalidRequestError,
-    ModelNotFoundError,
     ServeError,
     UnsupportedMediaTypeError,
     finish_http_error,
     finish_serve_error,
     note_error_code,
 )
+from serve.admission import TIMEOUT_HEADER, header_timeout_s, v2_timeout_s
 from serve.predictor import Predictor
-from serve.routes import preprocess_one, read_whole_body, registry
+from serve.registry import Served
+from serve.routes import VERSION_HEADER, preprocess_one, read_whole_body, registry
 from serve.tasks.base import Task, V2Output
 
 log = logging.getLogger(__name__)
@@ -85,7 +90,6 @@ SERVER_NAME = "torch-serve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "pytorch"
-MODEL_VERSION = "1"
 TENSOR_INPUT = "input"
 IMAGE_INPUT = "image"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -135,25 +139,23 @@ def server_metadata():
     return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
 
 
-def _model(name: str, version: str | None) -> Predictor:
+def _model(name: str, version: str | None) -> Served:
     """Raises: ModelNotFoundError: no model of that name, or no such version of it."""
-    predictor = registry().get(name)
-    if version is not None and version != MODEL_VERSION:
-        raise ModelNotFoundError(f"model '{name}' has no version '{version}'; versions: ['{MODEL_VERSION}']")
-    return predictor
+    return registry().served(name, version)
 
 
 @v2.get("/v2/models/<name>")
 @v2.get("/v2/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None):
-    predictor = _model(name, version)
+    served = _model(name, version)
+    predictor = served.predictor
     task = predictor.task
     inputs = [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
     if task.fixed_size:
         inputs.insert(0, {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, *task.input_shape]})
     return _json({
         "name": predictor.spec.name,
-        "versions": [MODEL_VERSION],
+        "versions": list(registry().versions(name).versions),
         "platform": PLATFORM,
         "parameters": {"task": task.name},
         "inputs": inputs,
@@ -164,7 +166,7 @@ def model_metadata(name: str, version: str | None = None):
 @v2.get("/v2/models/<name>/ready")
 @v2.get("/v2/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None):
-    return _json({"name": _model(name, version).spec.name, "ready": True})  # served only once warm
+    return _json({"name": _model(name, version).name, "ready": True})  # served only once warm
 
 
 @v2.route("/v2/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
@@ -199,10 +201,14 @@ class RequestedOutput:
 @v2.post("/v2/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None):
     reg = registry()
-    predictor = _model(name, version)
+    served = _model(name, version)
+    predictor = served.predictor
     task = predictor.task
-    reg.admit()
+    deadline = reg.deadline(header_timeout_s(request.headers), f"{request.headers.get(TIMEOUT_HEADER)} ms ({TIMEOUT_HEADER})")
+    reg.admit(served.name, 1, deadline)
     header, binary = read_body()
+    timeout = v2_timeout_s(_parameters(header, "request"))
+    deadline = deadline.tighter(timeout, f"{timeout and round(timeout * 1e6)} us (the request's timeout parameter)")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequestError("'id' must be a string")
@@ -212,14 +218,14 @@ def infer(name: str, version: str | None = None):
     kind, payload = parse_input(header, binary, predictor, reg.config.server.max_images_per_request)
     if kind == TENSOR_INPUT:
         prepared = None
-        inference = reg.infer_float(predictor.spec.name, torch.from_numpy(payload))
+        inference = reg.infer_float(served, torch.from_numpy(payload), deadline)
     else:
         prepared = [preprocess_one(predictor, data, i, len(payload)) for i, data in enumerate(payload)]
-        inference = reg.infer(predictor.spec.name, [p.tensor for p in prepared])
+        inference = reg.infer(served, [p.tensor for p in prepared], deadline)
     g.batch_size = inference.batch_size  # for the access log
     classification = {out_name: out.classification for out_name, out in outputs.items()}
     tensors = {t.name: t for t in task.v2_tensors(inference.outputs, prepared, params, classification)}
-    response: dict[str, Any] = {"model_name": predictor.spec.name, "model_version": MODEL_VERSION}
+    response: dict[str, Any] = {"model_name": predictor.spec.name, "model_version": served.version}
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = []
@@ -233,10 +239,12 @@ def infer(name: str, version: str | None = None):
             tensor["data"] = data
         response["outputs"].append(tensor)
     if not chunks:
-        return _json(response)
-    head = json.dumps(response, separators=(",", ":")).encode()
-    answer = Response(head + b"".join(chunks), mimetype="application/octet-stream")
-    answer.headers[HEADER_LENGTH] = str(len(head))
+        answer = _json(response)
+    else:
+        head = json.dumps(response, separators=(",", ":")).encode()
+        answer = Response(head + b"".join(chunks), mimetype="application/octet-stream")
+        answer.headers[HEADER_LENGTH] = str(len(head))
+    answer.headers[VERSION_HEADER] = served.tag
     return answer
 
 

@@ -1,4 +1,5 @@
-"""OneWriteResponse: gunicorn's HTTP/1 response, with its head and first body bytes in one send().
+"""The wire: gunicorn's HTTP/1 response with its head and first body bytes in one send(), and an
+error answer's unread request body drained after it is sent.
 
 gunicorn sends the status line and headers, then the body, in two send() calls. A worker killed
 between the two (SIGKILL, the OOM killer, a node going away) leaves an answer with a head and no
@@ -9,8 +10,14 @@ replica (the drill in bench/drill.py). It also saves a system call per request.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from gunicorn import util
 from gunicorn.http import wsgi
+from werkzeug.wrappers import Response
+
+DRAIN_CHUNK = 1 << 16
 
 
 class OneWriteResponse(wsgi.Response):
@@ -59,3 +66,34 @@ class OneWriteResponse(wsgi.Response):
 def install() -> None:
     """Make gunicorn's HTTP/1 workers answer with OneWriteResponse (wsgi.create's default class)."""
     wsgi.Response = OneWriteResponse
+
+
+def drain_after(response: Response, environ: Mapping[str, Any], limit: int | None) -> None:
+    """Keep a keep-alive connection usable after an answer given before the body was read (a shed
+    request, a missing key): the body is read and dropped once the answer is sent, up to `limit`
+    bytes. A body that may be longer (over the limit, or chunked) also gets `Connection: close`, and
+    gunicorn closes gracefully. Without this, gunicorn drains only 64 KiB and closes; the
+    client, still sending, gets a reset that can discard the answer before it reads it. A body
+    already read costs nothing here."""
+    stream = environ.get("wsgi.input")
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if stream is None or (length <= 0 and not chunked):
+        return
+    if chunked or (limit is not None and length > limit):
+        response.headers["Connection"] = "close"
+    # A declared length over the limit is not read at all: the connection closes anyway.
+    budget = (limit or 0) if chunked else (0 if limit is not None and length > limit else length)
+
+    def drain() -> None:
+        left = budget
+        try:
+            while left > 0 and (chunk := stream.read(min(DRAIN_CHUNK, left))):
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass  # the client went away: nothing left to keep usable
+
+    response.call_on_close(drain)

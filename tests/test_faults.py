@@ -58,7 +58,10 @@ class Load:
 
 
 def test_sigkill_of_a_worker_costs_only_its_in_flight_requests(tmp_path):
-    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 100)), "WEB_CONCURRENCY": "2"}, tmp_path / "g.log")
+    # A generous wait budget: after the kill, the survivor's queue holds every client's image, and
+    # this test is about the kill, not about admission (tests/test_admission.py, test_operations.py).
+    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 100, max_queue_wait_ms=60_000)), "WEB_CONCURRENCY": "2"},
+                    tmp_path / "g.log")
     try:
         before = worker_pids(server.proc.pid, expected=2)
         victim = min(before)
@@ -82,7 +85,7 @@ def test_sigkill_of_a_worker_costs_only_its_in_flight_requests(tmp_path):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
-    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 1000)), "WEB_CONCURRENCY": "1",
+    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 1000, max_queue_wait_ms=60_000)), "WEB_CONCURRENCY": "1",
                      "SERVE_GRACEFUL_TIMEOUT_S": "10"}, tmp_path / "g.log")
     answers: list[object] = []
 
