@@ -56,6 +56,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     if folder.suffix.lower() == ".onnx":
         return _inspect_onnx(folder, args.config)
     described = describe(folder) if folder.is_file() else None  # a packaged model: none of its code runs
+    if described is not None and args.config:
+        print("\n".join(packaged_entry(folder, dict(described))))
+        return 0
     if described is not None:
         lines = [("file", f"{folder} ({folder.stat().st_size} bytes)"), ("sha256", file_sha256(folder)), *described]
         width = max(len(label) for label, _ in lines) + 2
@@ -97,6 +100,29 @@ def run_inspect(args: argparse.Namespace) -> int:
     print()
     _print_tensors(weights)
     return 0
+
+
+def packaged_entry(path: Path, described: dict[str, str]) -> list[str]:
+    """A models.yaml entry for a file that packages its model (inspect's lines about it): what the file
+    settles is left out or filled in, what it can't is a <...> placeholder that fails check."""
+    kind = described["format"]
+    lines = [f"- name: {path.stem.lower().replace(' ', '_')}", f"  checkpoint: {path}"]
+    if kind == "torch.export program":
+        lines.append("  trust_code: true   # torch.export.load runs Python from the file: only for a file you trust")
+    if kind == "TorchServe archive":
+        if "custom" in described.get("handler", ""):
+            return [f"# {path.name}: its handler is custom code, never imported; serve its weights instead "
+                    f"(see python -m serve inspect {path.name})"]
+        lines.append(f"  # task: {described.get('task')}, and TorchServe's preprocessing, come from the handler")
+        serialized = described.get("serialized", "")
+        if "model file" in described and not any(kind in serialized for kind in ("TorchScript", "ONNX")):
+            lines.append("  trust_code: true   # imports the archive's model file; or give architecture: instead")
+        if not described.get("labels", "none").startswith("none"):
+            return lines  # labels from index_to_name.json
+    lines.append("  labels: <labels.txt or a list: the model's class names>")
+    if kind != "TorchServe archive":
+        lines.append("  preprocess: <{resize, crop, mean, std} the model was trained with>")
+    return lines
 
 
 def _inspect_onnx(path: Path, as_config: bool) -> int:

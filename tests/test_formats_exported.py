@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import torchvision
 from conftest import LABELS, expected_probs, image_bytes, tiny_model_config, tiny_net
@@ -530,3 +531,21 @@ def test_inspect_describes_each_format_without_running_it(made, eager_mar, capsy
     assert lines["serialized"].startswith("weights.pt (") and lines["serialized"].endswith(" bytes, torch.save zip)")
     assert lines["labels"] == "4 from index_to_name.json"
     assert not marker.exists()
+
+
+def test_inspect_config_prints_an_entry_for_packaged_files(tmp_path, made, capsys):
+    """inspect --config for TorchScript, torch.export and archives: a working entry once the <...> are filled."""
+    assert main(["inspect", str(made["tiny_traced"]), "--config"]) == 0
+    entry = capsys.readouterr().out
+    assert f"checkpoint: {made['tiny_traced'].resolve()}" in entry and "labels: <" in entry and "trust_code" not in entry
+    assert main(["inspect", str(made["resnet_static"]), "--config"]) == 0
+    assert "trust_code: true" in capsys.readouterr().out
+    labels = tmp_path / "index_to_name.json"
+    labels.write_text(json.dumps({"0": "red", "1": "green", "2": "blue"}))
+    path = archive(tmp_path, "labelled", made["tiny_traced"], "image_classifier", extra=(labels,))
+    assert main(["inspect", str(path), "--config"]) == 0
+    entry = capsys.readouterr().out
+    assert "task: classify" in entry and "labels:" not in entry and "trust_code" not in entry
+    filled = yaml.safe_load(entry.replace("  # task", "  # ").split("\n# ")[0])
+    spec = spec_of({**filled[0], "device": "cpu", "preprocess": {"resize": 8, "crop": 8}})
+    assert load_model(spec).implied.labels == ("red", "green", "blue")
