@@ -59,8 +59,10 @@ def in_process(config: Path, name: str, photo: bytes, runs: int = 20) -> list[fl
     return times
 
 
-def served(url: str, name: str, photo: bytes, clients: int) -> tuple[float, list[float]]:
+def served(url: str, name: str, photo: bytes, clients: int) -> tuple[float, list[float], int]:
+    """Closed-loop clients that wait the Retry-After of a shed (503) answer; answered req/s, latencies, sheds."""
     latencies: list[float] = []
+    shed = [0]
     lock = threading.Lock()
     end = time.monotonic() + DURATION_S
 
@@ -69,6 +71,11 @@ def served(url: str, name: str, photo: bytes, clients: int) -> tuple[float, list
         while time.monotonic() < end:
             started = time.perf_counter()
             answer = session.post(f"{url}/predictions/{name}", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=60)
+            if answer.status_code == 503:
+                with lock:
+                    shed[0] += 1
+                time.sleep(min(1.0, float(answer.headers.get("Retry-After", 1))))
+                continue
             answer.raise_for_status()
             with lock:
                 latencies.append((time.perf_counter() - started) * 1000)
@@ -78,7 +85,7 @@ def served(url: str, name: str, photo: bytes, clients: int) -> tuple[float, list
         t.start()
     for t in threads:
         t.join()
-    return len(latencies) / DURATION_S, latencies
+    return len(latencies) / DURATION_S, latencies, shed[0]
 
 
 def p(values: list[float], q: float) -> float:
@@ -100,18 +107,18 @@ def main() -> None:
     rows = []
     for name in MODELS:
         local = in_process(config, name, photo)
-        rows.append((name, "in-process, 1 at a time", 1000 / statistics.median(local), statistics.median(local), p(local, 99)))
+        rows.append((name, "in-process, 1 at a time", 1000 / statistics.median(local), statistics.median(local), p(local, 99), 0))
     server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2"}, folder / "gunicorn.log", inherit_settings=False)
     try:
         for name in MODELS:
             for clients in (1, 4):
-                rate, latencies = served(server.url, name, photo, clients)
-                rows.append((name, f"served, c={clients}", rate, statistics.median(latencies), p(latencies, 99)))
+                rate, latencies, shed = served(server.url, name, photo, clients)
+                rows.append((name, f"served, c={clients}", rate, statistics.median(latencies), p(latencies, 99), shed))
     finally:
         server.stop()
-    print(f"{'model':<10} {'how':<26} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, how, rate, p50, p99 in rows:
-        print(f"{name:<10} {how:<26} {rate:7.1f} {p50:8.1f} {p99:8.1f}")
+    print(f"{'model':<10} {'how':<26} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'shed':>6}")
+    for name, how, rate, p50, p99, shed in rows:
+        print(f"{name:<10} {how:<26} {rate:7.1f} {p50:8.1f} {p99:8.1f} {shed:6}")
 
 
 if __name__ == "__main__":
