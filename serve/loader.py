@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import pickle
 import time
@@ -73,15 +72,7 @@ def build_module(architecture: str, kwargs: Mapping[str, Any], model: str = "?")
     if architecture.startswith(TIMM_SCHEME):
         return _build_timm(architecture[len(TIMM_SCHEME):], kwargs, where)
     if ":" in architecture:
-        module_name, _, attr_path = architecture.partition(":")
-        try:
-            target: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"{where}: cannot import '{module_name}': {exc}") from None
-        for attr in attr_path.split("."):
-            if not hasattr(target, attr):
-                raise ConfigError(f"{where}: '{module_name}' has no attribute '{attr_path}'")
-            target = getattr(target, attr)
+        target = safe_globals.import_reference(architecture, where)
     else:
         import torchvision
 

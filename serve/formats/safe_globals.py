@@ -137,17 +137,10 @@ def resolve_safe_globals(names: Sequence[str], model: str = "?") -> tuple[type, 
     found = []
     for name in names:
         where = f"model '{model}': field 'safe_globals': '{name}'"
-        module_name, _, attr_path = name.partition(":")
+        module_name = name.partition(":")[0]
         if module_name.split(".")[0] in BLOCKED_MODULES:
             raise ConfigError(f"{where}: module '{module_name}' can run code or reach the system; never allowed")
-        try:
-            target: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"{where}: cannot import '{module_name}': {exc}") from None
-        for attr in attr_path.split("."):
-            if not hasattr(target, attr):
-                raise ConfigError(f"{where}: '{module_name}' has no attribute '{attr_path}'")
-            target = getattr(target, attr)
+        target = import_reference(name, where)
         if not isinstance(target, type):
             raise ConfigError(f"{where}: is a {type(target).__name__}, not a class; only classes can be allowed")
         found.append(target)
@@ -175,3 +168,21 @@ def as_config_name(dotted: str) -> str:
     """'pkg.mod.Name' as a safe_globals entry 'pkg.mod:Name' (right for top-level classes)."""
     module, _, name = dotted.rpartition(".")
     return f"{module}:{name}" if module else dotted
+
+
+def import_reference(reference: str, where: str) -> Any:
+    """The object a 'package.module:Name[.attr]' reference names, imported.
+
+    Raises:
+        ConfigError: the module doesn't import or has no such attribute (prefixed with `where`).
+    """
+    module_name, _, attr_path = reference.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import '{module_name}': {exc}") from None
+    for attr in attr_path.split("."):
+        if not hasattr(target, attr):
+            raise ConfigError(f"{where}: '{module_name}' has no attribute '{attr_path}'")
+        target = getattr(target, attr)
+    return target
