@@ -206,7 +206,8 @@ class ServerSettings(_Frozen):
     max_images_per_request: int = Field(32, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     max_queue: int = Field(64, gt=0, description="images waiting for the model in one worker before 503")
-    torch_threads: int | None = Field(None, gt=0)
+    torch_threads: int | None = Field(None, gt=0, description="inference threads per worker, torch's and ONNX Runtime's; "
+                                      "default: shared (serve/cores.py)")
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
     workers: int | None = Field(None, gt=0, description="default: one per core (CPU), one per GPU (CUDA)")

@@ -151,6 +151,8 @@ def post_worker_init(worker):
     registry = getattr(worker.wsgi, "extensions", {}).get("serve")
     if registry is not None:
         registry.warm_runtimes()
+        if registry.cores is not None:
+            registry.cores.start(root=os.getppid())  # the host's load, less the master's and workers' own
 
 
 def when_ready(server):

@@ -16,7 +16,7 @@ import torch
 from serve.admission import Deadline, ServiceTime, retry_after_s
 from serve.batching import Batcher, Lane, make_lane
 from serve.config import DEFAULT_VERSION, ModelSpec, ServeConfig
-from serve.cores import SMALL_FORWARD_MS, CoreShare, available_cores
+from serve.cores import SMALL_FORWARD_MS, CoreShare, HostLoad, available_cores
 from serve.errors import (
     BatchTimeoutError,
     ConfigError,
@@ -114,7 +114,7 @@ class Registry:
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model.
         """
-        cores = None if config.server.torch_threads else CoreShare(available_cores())
+        cores = None if config.server.torch_threads else CoreShare(available_cores(), HostLoad())
         registry = cls(config, Batcher("inference"), cores, metrics)
         try:
             for spec in config.models:
@@ -174,9 +174,10 @@ class Registry:
         """Load and warm up one version. Runs on the batcher's thread."""
         loaded = load_model(spec)
         spec = apply_implied(spec, loaded.implied)  # an archive's task, labels, preprocess, where the config is silent
-        predictor = Predictor(spec, loaded, load_labels(spec), self.pixels, self.config.server.onnx_cache_dir)
+        predictor = Predictor(spec, loaded, load_labels(spec), self.pixels, self.config.server.onnx_cache_dir,
+                              self.config.server.torch_threads)
         predictor.warm_up()
-        if self.cores is not None and predictor.single_threaded(1):
+        if self.cores is not None and predictor.runtime is predictor.eager and predictor.single_threaded(1):
             log.info("model '%s': batch-1 forward %.2f ms on one thread: its batches under %.0f ms run "
                      "single-threaded", spec.name, predictor.forward_ms, SMALL_FORWARD_MS)
         self.service.seed(spec.name, self._time_one(predictor))
@@ -344,5 +345,7 @@ class Registry:
 
     def close(self) -> None:
         self.batcher.stop()
+        if self.cores is not None:
+            self.cores.stop()
 
 

@@ -7,7 +7,7 @@ import time
 import torch
 
 from models.tiny import TinyNet
-from serve.cores import CoreShare, available_cores
+from serve.cores import CoreShare, HostLoad, available_cores
 
 
 class SetUpNet(TinyNet):
@@ -117,3 +117,75 @@ def test_small_batches_run_single_threaded_and_big_ones_share_the_cores(tmp_path
         assert threads_for(tiny, 16) == 1 and threads_for(tiny, 32) == 2
     finally:
         registry.close()
+
+
+def _fake_proc(tmp_path, cpu_busy: list[int], own: dict[int, int]) -> None:
+    """A /proc/stat with one line per CPU (busy ticks as 'user', 1000 idle) and /proc/<pid>/stat files."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{i} {busy} 0 0 1000 7 0 0 0 0 0" for i, busy in enumerate(cpu_busy)]
+    (tmp_path / "stat").write_text("\n".join(lines + ["intr 1 2 3"]) + "\n")
+    for pid, ticks in own.items():
+        (tmp_path / str(pid) / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        # comm with a space and a ')' inside, as a process may name itself
+        fields = ["S"] + ["0"] * 10 + [str(ticks), "0"] + ["0"] * 30
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (gunicorn: a) b) " + " ".join(fields) + "\n")
+    children = [str(pid) for pid in own if pid != 1]
+    (tmp_path / "1" / "task" / "1" / "children").write_text(" ".join(children))
+
+
+def test_host_load_counts_other_processes_on_this_process_s_cores_only(tmp_path, monkeypatch):
+    clock = iter([100.0, 101.0])
+    monkeypatch.setattr("serve.cores.time.monotonic", lambda: next(clock))
+    host = HostLoad(cpus={0, 1}, root=1, stat=str(tmp_path / "stat"), proc=str(tmp_path))
+    tick = os.sysconf("SC_CLK_TCK")
+    _fake_proc(tmp_path, [0, 0, 0], {1: 0, 2: 0})
+    host.sample()
+    assert host.foreign == 0.0  # one sample: nothing known yet
+    # One second later: CPUs 0 and 1 were busy 1.5 s in all, the server's master and worker 0.4 s;
+    # CPU 2 (not ours) was busy all along.
+    _fake_proc(tmp_path, [tick, tick // 2, tick], {1: tick // 10, 2: tick * 3 // 10})
+    host.sample()
+    assert abs(host.foreign - 1.1) < 0.02
+
+
+def test_cores_other_processes_hold_are_left_out_of_the_share_with_hysteresis():
+    class Host:
+        foreign = 0.0
+
+        def start(self, root=None):
+            return self
+
+    host = Host()
+    share = CoreShare(4, host)
+    for foreign, expected_threads in [(0.0, 4), (0.6, 4), (0.7, 3), (0.4, 3), (0.3, 4), (1.8, 2), (3.9, 1)]:
+        host.foreign = foreign
+        with share.share() as threads:
+            assert threads == expected_threads, (foreign, threads)
+    with share.share(single=True) as threads:
+        assert threads == 1
+
+
+def test_host_load_samples_a_real_cpu_bound_neighbour():
+    """A real neighbour: a busy-looping child process shows up as about a core's worth of foreign load;
+    this process's own spinning doesn't."""
+    import signal
+    import subprocess
+    import sys
+
+    host = HostLoad(interval_s=0.1, window=5).start()
+    try:
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:  # our own CPU: not foreign
+            pass
+        assert host.foreign < 0.5
+        # A grandchild, in a session of its own: this process's children count as the server's own.
+        neighbour = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'while True: pass' & wait"],
+                                     start_new_session=True)
+        try:
+            time.sleep(0.8)
+            assert host.foreign > 0.6
+        finally:
+            os.killpg(neighbour.pid, signal.SIGKILL)
+            neighbour.wait()
+    finally:
+        host.stop()
