@@ -229,6 +229,9 @@ class ServerSettings(_Frozen):
     # Operations (README, Operations): admission bounded in time, and model lifecycle across workers.
     max_queue_wait_ms: float = Field(
         250.0, gt=0, description="admit a request only if its predicted wait for the model fits; otherwise 503 at once")
+    shed_hold_ms: float = Field(
+        20.0, ge=0, le=1000, description="how long a 503 refused for the server's budget is held before it is sent: "
+        "a client that resends at once (no back-off) can't spend the CPU admitted requests need")
     state_dir: Path | None = Field(
         None, description="where the workers share the management control file; gunicorn makes one if unset")
     models_dir: Path | None = Field(
@@ -294,6 +297,7 @@ SERVER_ENV = {
     "SERVE_TLS_CA_FILE": "tls_ca_file",
     "SERVE_TLS_MIN_VERSION": "tls_min_version",
     "SERVE_MAX_QUEUE_WAIT_MS": "max_queue_wait_ms",
+    "SERVE_SHED_HOLD_MS": "shed_hold_ms",
     "SERVE_STATE_DIR": "state_dir",
     "SERVE_MODELS_DIR": "models_dir",
 }

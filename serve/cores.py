@@ -40,6 +40,26 @@ def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
     return cores
 
 
+_current = threading.local()
+
+
+def own_share(default: int) -> int:
+    """The cores this thread's running batch would get from the server's own busy workers alone
+    (other processes' load left aside), inside CoreShare.share; `default` outside it. For a runtime
+    whose thread pool is fixed per session (ONNX Runtime): it picks its session by this."""
+    return getattr(_current, "own_share", None) or default
+
+
+@contextmanager
+def sharing_as(threads: int):
+    """own_share answers `threads` inside (a worker warming the session its busy batches will use)."""
+    _current.own_share = threads
+    try:
+        yield
+    finally:
+        _current.own_share = None
+
+
 # Other processes count as holding one more core once they use this much more of one (averaged over
 # HostLoad's window), and one fewer once they use this much less: hysteresis, so a load near the
 # line doesn't switch the thread count batch by batch.
@@ -182,11 +202,13 @@ class CoreShare:
                          taken, self.cores, self.host.foreign, max(1, (self.cores - taken) // busy))
                 self._taken = taken
             threads = 1 if single else max(1, (self.cores - taken) // busy)
+            _current.own_share = max(1, self.cores // busy)
             if threads != self._threads:
                 torch.set_num_threads(threads)
                 self._threads = threads
             yield threads
         finally:
+            _current.own_share = None
             with self._busy.get_lock():
                 self._busy.value -= 1
 

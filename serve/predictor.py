@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from serve.config import ModelSpec
-from serve.cores import SMALL_FORWARD_MS
+from serve.cores import SMALL_FORWARD_MS, sharing_as
 from serve.errors import CheckpointError, ConfigError, ExportError
 from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
@@ -50,8 +50,8 @@ class Predictor:
                 raise ConfigError(f"model '{spec.name}': task '{spec.task}': its options need the PyTorch "
                                   f"module, which {spec.checkpoint.name} doesn't have")
             self.module, self.eager, self.runtime = None, None, loaded.runtime
-            if threads:
-                self.runtime.threads = threads
+            self.runtime.threads = threads or self.runtime.threads
+            self.runtime.load_threads = 1 if not threads and self.runtime.threads > 1 else None
         else:
             self.module = self.task.adapt(loaded.module)
             self.eager = RUNTIMES["eager"](self.module, loaded.device, spec.half, spec.channels_last)
@@ -119,6 +119,7 @@ class Predictor:
                 self.runtime = build_onnx_runtime(
                     self.module, sample, rule=self.task.runtime_rule, dynamic_hw=not self.task.fixed_size,
                     cache_dir=self.onnx_cache_dir, device=self.loaded.device, threads=self.threads,
+                    load_threads=None if self.threads else 1,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold
                     cache_key_parts={"sha256": self.loaded.sha256, "architecture": spec.architecture,
                                      "kwargs": spec.kwargs, "task": spec.task,
@@ -142,6 +143,9 @@ class Predictor:
         needs it: one blank batch on the thread that runs predict_batch."""
         if self.runtime is not self.eager:
             self.predict_batch([self.task.blank()])
+            if getattr(self.runtime, "load_threads", None):  # ONNX Runtime's session for busy workers too
+                with sharing_as(1):
+                    self.predict_batch([self.task.blank()])
 
     def _time_forward(self, blank: torch.Tensor, runs: int = 5) -> float:
         """The fastest batch-1 forward on one torch thread, in ms of this thread's CPU time (so other

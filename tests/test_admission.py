@@ -136,6 +136,22 @@ def test_a_request_that_would_wait_over_the_budget_is_shed_at_once_with_retry_af
     assert metric(text, "serve_shed_total", model="slow", reason="predicted_wait") == 1
 
 
+def test_a_refusal_for_the_server_s_budget_is_held_and_one_for_the_client_s_deadline_is_not(tmp_path, make_app):
+    """shed_hold_ms: a client that resends a refused request at once can resend only so often."""
+    app = make_app(slow_spec(tmp_path), max_queue_wait_ms=250, shed_hold_ms=120)
+    client = app.test_client()
+    timings = {}
+    with Held(app) as held:
+        held.queue(12)
+        for label, headers in (("server", {}), ("client", {"X-Request-Timeout-Ms": "200"})):
+            started = time.monotonic()
+            answer = client.post("/predictions/slow", data=PNG, content_type="image/png", headers=headers)
+            timings[label] = time.monotonic() - started
+            assert error(answer)[:2] == (503, "overloaded")
+    assert 0.12 <= timings["server"] < 1.0  # held, then answered: never queued behind 1.2 s of work
+    assert timings["client"] < 0.12
+
+
 def test_a_request_within_the_budget_is_admitted_and_answered(tmp_path, make_app):
     app = make_app(slow_spec(tmp_path), max_queue_wait_ms=250)
     answers = []

@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 from conftest import tiny_net
+from serve.cores import sharing_as
 from serve.errors import ExportError
 from serve.runtimes import onnx as onnx_runtime
 from serve.runtimes.onnx import build_onnx_runtime, compare_outputs, open_onnx_file, read_cached
@@ -72,16 +73,12 @@ def test_tiny_net_outputs_are_exact(tmp_path):
     assert described["export_s"] > 0 and described["threads"] == 1 and described["load_threads"] is None
 
 
-def test_one_session_whatever_the_core_share(tmp_path):
+def test_without_load_threads_one_session_whatever_the_core_share(tmp_path):
     runtime = build_onnx_runtime(tiny_net(), torch.zeros(1, 3, 8, 8), cache_key_parts=PARTS, cache_dir=None,
                                  threads=2)
-    threads = torch.get_num_threads()
-    try:
-        for share in (1, 2):
-            torch.set_num_threads(share)
+    for share in (1, 2):
+        with sharing_as(share):
             assert torch.allclose(runtime.forward(torch.ones(1, 3, 8, 8)), torch.full((1, 3), 3.0))
-    finally:
-        torch.set_num_threads(threads)
     assert set(runtime._sessions) == {2}
 
 
@@ -93,13 +90,9 @@ def test_resnet18_matches_eager(tmp_path):
     batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         eager = module(batch)
-    threads = torch.get_num_threads()
-    try:
-        for share in (1, 2):  # CoreShare's share of the cores: the single-threaded session, the 2-thread one
-            torch.set_num_threads(share)
+    for share in (1, 2):  # the busy workers' share of the cores: the single-threaded session, the 2-thread one
+        with sharing_as(share):
             assert compare_outputs(eager, runtime.forward(batch), "probabilities") is None
-    finally:
-        torch.set_num_threads(threads)
     assert set(runtime._sessions) == {1, 2}
     assert runtime.describe()["threads"] == 2 and runtime.describe()["load_threads"] == 1
 

@@ -17,6 +17,7 @@ from conftest import expected_probs, image_bytes, tiny_model_config, tiny_net, w
 from serve.app import create_app
 from serve.cli import main
 from serve.config import build_config, load_config
+from serve.cores import available_cores
 from serve.errors import CheckpointError, ConfigError
 from servers import ROOT, Server
 from test_onnx_runtime import Branchy, MatrixExp
@@ -147,6 +148,11 @@ def test_gunicorn_workers_serve_onnx_runtime_after_the_fork(tmp_path):
                     inherit_settings=False)
     try:
         session = requests.Session()
+        # Warm before the first request: the session for a lone batch (every core) and, with more
+        # than one core, the single-threaded one for batches that run while the other worker's do.
+        for _ in range(4):
+            runtime = session.get(f"{server.url}/models/tiny", headers={"Connection": "close"}, timeout=10).json()["runtime"]
+            assert runtime["sessions"] == sorted({1, available_cores()})
         for _ in range(12):
             answer = session.post(f"{server.url}/predictions/tiny", data=image_bytes((0, 0, 255)),
                                   headers={"Content-Type": "image/png", "Connection": "close"}, timeout=30)

@@ -47,17 +47,19 @@ through a pipe and leaves with os._exit, and forward_isolated does the same for 
 made lazily in the process that runs them (os.getpid() checked on every forward); the serialized model
 stays in the parent's memory and the workers share its pages copy-on-write.
 
-Threads: a session's intra-op pool is fixed when it is made. By default a worker has one session
-with `threads` threads (every core), whatever CoreShare (serve/cores.py) sets torch to: its threads
-don't spin after a run (session.intra_op.allow_spinning=0; spinning cost resnet18 54 ms of CPU per
-b1 request instead of 39 ms, at the same latency), so workers x threads > cores costs little. Measured
-on 2 cores (shared with other work), two processes running b1 forwards at once did no worse with
-2-thread sessions than with single-threaded ones (EfficientNet-Lite0 179-265 against 100-150 img/s,
-resnet18 47-67 against 33-55, three runs of bench/runtimes.py).
-With load_threads set, a batch that CoreShare gives fewer than `threads` threads runs on a second,
-load_threads-thread session instead. Each session holds its own copy of the optimized weights (sharing
-them through add_external_initializers saved nothing measurable: ONNX Runtime's graph optimizations
-make new ones): a second session costs about 60 MB RSS for EfficientNet-Lite0 and 100 MB for resnet18.
+Threads: a session's intra-op pool is fixed when it is made, so a worker (Predictor) has two: one with
+`threads` threads (every core) for a batch that runs alone, and one with load_threads (1) for a batch
+that runs while other workers of the server run theirs (serve/cores.py's own_share: the cores the
+server's own busy workers leave it; other processes' load is left aside, as ONNX Runtime's pool, which
+doesn't spin after a run (session.intra_op.allow_spinning=0), lost nothing beside CPU-bound neighbours:
+EfficientNet-Lite0 b1 9.9-13.7 ms on 2 threads against 9.7-16.9 on 1, resnet18 37-40 against 47-59,
+2 busy loops on 2 cores, one run). Spinning cost resnet18 54 ms of CPU per b1 request instead of 39 ms.
+The second session paid off for resnet18: at c=16, 2 workers on 2 cores, 50-51 req/s against 42-44
+with the 2-thread session alone (two rounds, one run, nothing shed); EfficientNet-Lite0 was level
+(154-157 against 133-160). Each session holds its own copy of the optimized weights (sharing them
+through add_external_initializers saved nothing measurable: ONNX Runtime's graph optimizations make
+new ones): the second costs about 60 MB RSS for EfficientNet-Lite0 and 100 MB for resnet18 a worker.
+SERVE_TORCH_THREADS (a fixed thread count) gives one session of that many threads.
 
 GPU: device cuda uses CUDAExecutionProvider when the installed onnxruntime has it (the onnxruntime-gpu
 wheel); otherwise ExportError says so and the model runs eagerly.
@@ -86,7 +88,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serve.cores import available_cores
+from serve.cores import available_cores, own_share
 from serve.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -318,7 +320,8 @@ class OnnxRuntime:
                  input_name: str = INPUT_NAME):
         """model: serialized ONNX (kept here, shared copy-on-write by forked workers) or a file's path.
         threads: the session's intra-op threads; load_threads: a second session's, used while
-        torch.get_num_threads() (CoreShare's share of the cores) is below threads; None: no second session."""
+        serve.cores.own_share (the server's busy workers' share of the cores) is below threads; None: no
+        second session."""
         self.model = model
         self.input_name = input_name
         self.layout = dict(layout)
@@ -347,7 +350,7 @@ class OnnxRuntime:
         Raises:
             ExportError: ONNX Runtime can't open the model here.
         """
-        shared = self.load_threads is not None and torch.get_num_threads() < self.threads
+        shared = self.load_threads is not None and own_share(self.threads) < self.threads
         threads = self.load_threads if shared else self.threads
         return self._rebuild(self.run_numpy([_as_array(x) for x in _images(batch, self.per_image)], threads))
 
@@ -424,6 +427,7 @@ class OnnxRuntime:
             "providers": self.providers,
             "threads": self.threads,
             "load_threads": self.load_threads,
+            "sessions": sorted(self._sessions) if self._pid == os.getpid() else [],  # made in this process
         }
 
 
