@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -115,9 +116,12 @@ class OverloadedError(ServeError):
     status = 503
     code = "overloaded"
 
-    def __init__(self, message: str, retry_after_s: int = 1):
+    def __init__(self, message: str, retry_after_s: int = 1, holdable: bool = False):
+        """holdable: refused for the server's own limits (not the client's deadline), so a client that
+        resends at once may be held (serve/admission.py, Resends)."""
         super().__init__(message)
         self.retry_after_s = max(1, int(retry_after_s))
+        self.holdable = holdable
 
 
 class BatchTimeoutError(ServeError):
@@ -160,6 +164,12 @@ def finish_serve_error(exc: ServeError, response: Response) -> Response:
         log.error("%s: %s", exc.code, exc.message)
     if exc.status == 503:
         response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))  # OverloadedError's: its predicted wait
+    registry = current_app.extensions.get("serve")
+    if getattr(exc, "holdable", False) and registry is not None:
+        environ = request.environ
+        hold_s = registry.resends.hold_s((environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT")), exc.retry_after_s)
+        if hold_s:
+            time.sleep(hold_s)  # this request thread only: no CPU, nothing else waits
     return response
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from serve.admission import Deadline, ServiceTime, retry_after_s
+from serve.admission import Deadline, Resends, ServiceTime, retry_after_s
 from serve.batching import Batcher, Lane, make_lane
 from serve.config import DEFAULT_VERSION, ModelSpec, ServeConfig
 from serve.cores import SMALL_FORWARD_MS, CoreShare, HostLoad, available_cores
@@ -106,7 +105,7 @@ class Registry:
         self.pixels = PixelBudget(config.server.max_image_pixels)  # one decode budget for every model
         self.service = ServiceTime()
         self._last_end, self._backlog = 0.0, False  # the inference thread's last batch: when, and was work waiting
-        self._holding, self._holding_lock = 0, threading.Lock()  # refusals being held (_shed)
+        self.resends = Resends(config.server.shed_hold_ms / 1000)  # refused clients that come back at once
 
     @classmethod
     def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None) -> Registry:
@@ -300,42 +299,22 @@ class Registry:
         wait = self.service.predicted_wait_s()
         pending, limit = self.batcher.pending, self.config.server.max_queue
         if pending + count > limit:
-            self._shed(name, "queue_full", hold=True)
+            self._shed(name, "queue_full")
             raise OverloadedError(f"server busy: {pending} images waiting (limit {limit}); retry shortly",
-                                  retry_after_s(wait))
+                                  retry_after_s(wait), holdable=True)
         budget = self.config.server.max_queue_wait_ms / 1000
         why = f"max_queue_wait_ms ({self.config.server.max_queue_wait_ms:g})"
         client = deadline is not None and deadline.remaining() < budget
         if client:
             budget, why = deadline.remaining(), deadline.source
         if wait > budget:
-            self._shed(name, "predicted_wait", hold=not client)  # a client's own deadline: told at once
+            self._shed(name, "predicted_wait")
             raise OverloadedError(f"server busy: model '{name}' would wait about {wait * 1000:.0f} ms, over "
-                                  f"{why}; retry later", retry_after_s(wait))
+                                  f"{why}; retry later", retry_after_s(wait), holdable=not client)
 
-    def _shed(self, name: str, reason: str, hold: bool = False) -> None:
-        """Count a refusal; with `hold`, keep this request thread (a sleep, no CPU) shed_hold_ms times
-        one more than the refusals being held right now, 1 s at most, before it is answered.
-
-        Why: wrk's clients resend a refused request at once, and resnet18 (2 workers on 2 cores) then
-        spent its CPU refusing: at 16 clients 14-24 req/s served with 5,000-12,000 refusals in 5 s,
-        against 42-44 when nothing was refused (max_queue_wait_ms 1000), in one run each; held 20 ms,
-        35-43 req/s with about 1,000 refused. Growing with the refusals already held, the hold caps a
-        worker's refusals near 1000 / shed_hold_ms a second however many clients resend at once, and
-        a client that waits Retry-After (or comes alone) is refused within about shed_hold_ms.
-        """
+    def _shed(self, name: str, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.shed.labels(name, reason).inc()
-        if not hold or not self.config.server.shed_hold_ms:
-            return
-        with self._holding_lock:
-            self._holding += 1
-            hold_s = min(1.0, self.config.server.shed_hold_ms / 1000 * self._holding)
-        try:
-            time.sleep(hold_s)
-        finally:
-            with self._holding_lock:
-                self._holding -= 1
 
     def infer(self, target: str | Served, inputs: list[torch.Tensor], deadline: Deadline | None = None) -> Inference:
         """Run uint8 inputs through a model (its default version, or the Served given); one output per

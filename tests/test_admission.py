@@ -136,20 +136,27 @@ def test_a_request_that_would_wait_over_the_budget_is_shed_at_once_with_retry_af
     assert metric(text, "serve_shed_total", model="slow", reason="predicted_wait") == 1
 
 
-def test_a_refusal_for_the_server_s_budget_is_held_and_one_for_the_client_s_deadline_is_not(tmp_path, make_app):
-    """shed_hold_ms: a client that resends a refused request at once can resend only so often."""
-    app = make_app(slow_spec(tmp_path), max_queue_wait_ms=250, shed_hold_ms=120)
+def test_a_client_that_resends_a_refused_request_at_once_is_held_longer_each_time(tmp_path, make_app):
+    """shed_hold_ms: refusals on one connection that come back before their Retry-After are held
+    shed_hold_ms x the refusals in a row; a first refusal, another connection, and a refusal for the
+    client's own deadline are answered at once."""
+    app = make_app(slow_spec(tmp_path), max_queue_wait_ms=250, shed_hold_ms=150)
     client = app.test_client()
-    timings = {}
+
+    def refused(port: int, headers: dict | None = None) -> float:
+        started = time.monotonic()
+        answer = client.post("/predictions/slow", data=PNG, content_type="image/png", headers=headers or {},
+                             environ_base={"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": str(port)})
+        assert error(answer)[:2] == (503, "overloaded")
+        return time.monotonic() - started
+
     with Held(app) as held:
-        held.queue(12)
-        for label, headers in (("server", {}), ("client", {"X-Request-Timeout-Ms": "200"})):
-            started = time.monotonic()
-            answer = client.post("/predictions/slow", data=PNG, content_type="image/png", headers=headers)
-            timings[label] = time.monotonic() - started
-            assert error(answer)[:2] == (503, "overloaded")
-    assert 0.12 <= timings["server"] < 1.0  # held, then answered: never queued behind 1.2 s of work
-    assert timings["client"] < 0.12
+        held.queue(12)  # about 1.2 s of work ahead: every request here is refused
+        first, second, third = refused(5001), refused(5001), refused(5001)
+        other = refused(5002)
+        deadline = refused(5001, {"X-Request-Timeout-Ms": "200"})
+    assert first < 0.15 and other < 0.15 and deadline < 0.15
+    assert 0.15 <= second < 0.3 + 0.15 and 0.3 <= third < 1.0
 
 
 def test_a_request_within_the_budget_is_admitted_and_answered(tmp_path, make_app):
@@ -234,3 +241,18 @@ def test_the_image_count_stays_the_memory_cap(tmp_path, make_app):
 def test_a_bad_timeout_header_is_400(client):
     answer = client.post("/predictions/tiny", data=PNG, content_type="image/png", headers={"X-Request-Timeout-Ms": "x"})
     assert error(answer)[:2] == (400, "invalid_request")
+
+
+def test_resends_forgets_a_client_that_waited_its_retry_after(monkeypatch):
+    from serve.admission import Resends
+
+    now = [100.0]
+    monkeypatch.setattr("serve.admission.time.monotonic", lambda: now[0])
+    resends = Resends(0.02)
+    peer = ("127.0.0.1", "40000")
+    assert resends.hold_s(peer, 1) == 0.0  # first refusal: at once
+    assert resends.hold_s(peer, 1) == 0.02 and resends.hold_s(peer, 1) == 0.04  # back at once, twice
+    now[0] += 1.05  # waited the Retry-After, counted from the last (held) answer
+    assert resends.hold_s(peer, 1) == 0.0
+    assert Resends(0.0).hold_s(peer, 1) == 0.0  # shed_hold_ms 0: never held
+    assert all(Resends(0.3).hold_s(peer, 1) <= 1.0 for _ in range(10))
