@@ -184,7 +184,10 @@ class CoreShare:
         if self.host is None:
             return 0
         self.host.start()  # lazily, in a process nobody started it in
-        foreign, taken = self.host.foreign, self._taken
+        # With more CPUs to run on than cores to use (a CPU quota: a 2-CPU pod on a 64-core node), the
+        # others' load counts only once it leaves fewer idle CPUs than this server's cores.
+        spare = max(0, len(self.host.cpus) - self.cores)
+        foreign, taken = max(0.0, self.host.foreign - spare), self._taken
         taken = max(taken, math.floor(foreign + 1 - TAKE_CORE))
         taken = min(taken, math.floor(foreign + 1 - FREE_CORE))
         return min(self.cores - 1, taken)

@@ -150,7 +150,7 @@ def post_worker_init(worker):
         lifecycle.start()
     registry = getattr(worker.wsgi, "extensions", {}).get("serve")
     if registry is not None:
-        registry.warm_runtimes()
+        registry.warm_runtimes(busy_sessions=workers > 1)  # one worker never runs beside another
         if registry.cores is not None:
             registry.cores.start(root=os.getppid())  # the host's load, less the master's and workers' own
 

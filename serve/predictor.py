@@ -138,12 +138,14 @@ class Predictor:
         log.log(logging.INFO if chose else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
                 spec.name, reason)
 
-    def warm_runtime(self) -> None:
+    def warm_runtime(self, busy_sessions: bool = True) -> None:
         """Start the runtime in this process (a forked worker's ONNX Runtime session) before any request
-        needs it: one blank batch on the thread that runs predict_batch."""
+        needs it: one blank batch on the thread that runs predict_batch. With busy_sessions (more than
+        one worker), also the single-threaded session for batches that run beside another worker's;
+        a lone worker never needs it (it would be made on first use)."""
         if self.runtime is not self.eager:
             self.predict_batch([self.task.blank()])
-            if getattr(self.runtime, "load_threads", None):  # ONNX Runtime's session for busy workers too
+            if busy_sessions and getattr(self.runtime, "load_threads", None):
                 with sharing_as(1):
                     self.predict_batch([self.task.blank()])
 

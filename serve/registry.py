@@ -247,13 +247,13 @@ class Registry:
             self._shed(name, "deadline")
             raise BatchTimeoutError(f"model '{name}' did not answer within {deadline.source}; try again") from None
 
-    def warm_runtimes(self) -> None:
+    def warm_runtimes(self, busy_sessions: bool = True) -> None:
         """Start every loaded version's runtime in this process (ONNX Runtime sessions are made per
         process, after gunicorn's fork): gunicorn_conf's post_worker_init calls it before the worker
-        takes a request."""
+        takes a request. busy_sessions: see Predictor.warm_runtime."""
         for model in list(self.models.values()):
             for served in model.versions.values():
-                self.batcher.call(served.predictor.warm_runtime).result()
+                self.batcher.call(served.predictor.warm_runtime, busy_sessions).result()
 
     @property
     def default_name(self) -> str:

@@ -151,6 +151,7 @@ def test_host_load_counts_other_processes_on_this_process_s_cores_only(tmp_path,
 def test_cores_other_processes_hold_are_left_out_of_the_share_with_hysteresis():
     class Host:
         foreign = 0.0
+        cpus = {0, 1, 2, 3}
 
         def start(self, root=None):
             return self
@@ -163,6 +164,13 @@ def test_cores_other_processes_hold_are_left_out_of_the_share_with_hysteresis():
             assert threads == expected_threads, (foreign, threads)
     with share.share(single=True) as threads:
         assert threads == 1
+    # A 4-core quota on 16 CPUs: 12 idle CPUs absorb others' load before it takes this server's cores.
+    host.cpus, host.foreign = set(range(16)), 11.5
+    with share.share() as threads:
+        assert threads == 4
+    host.foreign = 13.0
+    with share.share() as threads:
+        assert threads == 3
 
 
 def test_host_load_samples_a_real_cpu_bound_neighbour():
