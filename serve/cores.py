@@ -43,21 +43,22 @@ def available_cores(cgroup: str = "/sys/fs/cgroup") -> int:
 _current = threading.local()
 
 
-def own_share(default: int) -> int:
-    """The cores this thread's running batch would get from the server's own busy workers alone
-    (other processes' load left aside), inside CoreShare.share; `default` outside it. For a runtime
-    whose thread pool is fixed per session (ONNX Runtime): it picks its session by this."""
-    return getattr(_current, "own_share", None) or default
+def batch_share(default: int) -> int:
+    """The threads this thread's running batch has a share of (the cores, less those other processes
+    hold, divided among the server's busy workers), inside CoreShare.share, even when torch itself was
+    set to one thread; `default` outside it. For a runtime whose thread pool is fixed per session
+    (ONNX Runtime): it picks its session by this."""
+    return getattr(_current, "share", None) or default
 
 
 @contextmanager
 def sharing_as(threads: int):
-    """own_share answers `threads` inside (a worker warming the session its busy batches will use)."""
-    _current.own_share = threads
+    """batch_share answers `threads` inside (a worker warming the session its busy batches will use)."""
+    _current.share = threads
     try:
         yield
     finally:
-        _current.own_share = None
+        _current.share = None
 
 
 # Other processes count as holding one more core once they use this much more of one (averaged over
@@ -76,7 +77,7 @@ class HostLoad:
     beside two CPU-bound processes on 2 cores waits at each op for whichever thread is descheduled:
     EfficientNet-Lite0 took 81 ms on 2 threads against 43 ms on 1 (16.8 ms quiet), and a server at the
     default 2 threads answered a lone request in 159 ms p50, 2.3 s p90, against 75 ms pinned to one
-    thread, in one run here. ONNX Runtime's pool (no spinning) showed no such loss and is left as it is.
+    thread, in one run here. ONNX Runtime picks its session by the same share (serve/runtimes/onnx.py).
     """
 
     def __init__(self, cpus: set[int] | None = None, root: int | None = None, interval_s: float = 0.25,
@@ -199,19 +200,20 @@ class CoreShare:
             self._busy.value += 1
             busy = self._busy.value
         try:
-            taken = 0 if single else self.taken
-            if taken != self._taken and not single:
+            taken = self.taken
+            share = max(1, (self.cores - taken) // busy)
+            if taken != self._taken:
                 log.info("other processes hold %d of %d cores (%.2f cores' worth): batches take %d thread(s)",
-                         taken, self.cores, self.host.foreign, max(1, (self.cores - taken) // busy))
+                         taken, self.cores, self.host.foreign, share)
                 self._taken = taken
-            threads = 1 if single else max(1, (self.cores - taken) // busy)
-            _current.own_share = max(1, self.cores // busy)
+            threads = 1 if single else share
+            _current.share = share
             if threads != self._threads:
                 torch.set_num_threads(threads)
                 self._threads = threads
             yield threads
         finally:
-            _current.own_share = None
+            _current.share = None
             with self._busy.get_lock():
                 self._busy.value -= 1
 

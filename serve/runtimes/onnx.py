@@ -48,18 +48,22 @@ made lazily in the process that runs them (os.getpid() checked on every forward)
 stays in the parent's memory and the workers share its pages copy-on-write.
 
 Threads: a session's intra-op pool is fixed when it is made, so a worker (Predictor) has two: one with
-`threads` threads (every core) for a batch that runs alone, and one with load_threads (1) for a batch
-that runs while other workers of the server run theirs (serve/cores.py's own_share: the cores the
-server's own busy workers leave it; other processes' load is left aside, as ONNX Runtime's pool, which
-doesn't spin after a run (session.intra_op.allow_spinning=0), lost nothing beside CPU-bound neighbours:
-EfficientNet-Lite0 b1 9.9-13.7 ms on 2 threads against 9.7-16.9 on 1, resnet18 37-40 against 47-59,
-2 busy loops on 2 cores, one run). Spinning cost resnet18 54 ms of CPU per b1 request instead of 39 ms.
-The second session paid off for resnet18: at c=16, 2 workers on 2 cores, 50-51 req/s against 42-44
-with the 2-thread session alone (two rounds, one run, nothing shed); EfficientNet-Lite0 was level
-(154-157 against 133-160). Each session holds its own copy of the optimized weights (sharing them
-through add_external_initializers saved nothing measurable: ONNX Runtime's graph optimizations make
-new ones): the second costs about 60 MB RSS for EfficientNet-Lite0 and 100 MB for resnet18 a worker.
-SERVE_TORCH_THREADS (a fixed thread count) gives one session of that many threads.
+`threads` threads (every core) for a batch that has every core to itself, and one with load_threads
+(1) for a batch whose share is smaller (serve/cores.py's batch_share: other workers of the server
+running batches, or other processes holding cores). Why the second: served by 2 workers on 2 cores,
+resnet18 at c=16 made 50-51 req/s with it against 42-44 with the 2-thread session alone (two rounds,
+one run, nothing shed; EfficientNet-Lite0 was level, 154-157 against 133-160); and beside two
+CPU-bound processes in scheduling groups of their own (as containers on a node are), a lone request
+took 27.5-32.5 ms p50 on the 2-thread session against 16.2 ms on one thread (tests/test_busy_host.py,
+two runs): the group's CPU share doesn't grow with its threads, only their waiting does. (In-process,
+beside busy loops in the process's own group, 2 threads had looked no worse: EfficientNet-Lite0 b1
+9.9-13.7 against 9.7-16.9 ms; there more threads simply took more of the neighbours' time.) The
+threads don't spin after a run (session.intra_op.allow_spinning=0: spinning cost resnet18 54 ms of
+CPU per b1 request instead of 39 ms, at the same latency). Each session holds its own copy of the
+optimized weights (sharing them through add_external_initializers saved nothing measurable: ONNX
+Runtime's graph optimizations make new ones): the second costs about 60 MB RSS for EfficientNet-Lite0
+and 100 MB for resnet18 a worker. SERVE_TORCH_THREADS (a fixed thread count) gives one session of
+that many threads.
 
 GPU: device cuda uses CUDAExecutionProvider when the installed onnxruntime has it (the onnxruntime-gpu
 wheel); otherwise ExportError says so and the model runs eagerly.
@@ -88,7 +92,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serve.cores import available_cores, own_share
+from serve.cores import available_cores, batch_share
 from serve.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -320,7 +324,7 @@ class OnnxRuntime:
                  input_name: str = INPUT_NAME):
         """model: serialized ONNX (kept here, shared copy-on-write by forked workers) or a file's path.
         threads: the session's intra-op threads; load_threads: a second session's, used while
-        serve.cores.own_share (the server's busy workers' share of the cores) is below threads; None: no
+        serve.cores.batch_share (the batch's share of the cores) is below threads; None: no
         second session."""
         self.model = model
         self.input_name = input_name
@@ -350,7 +354,7 @@ class OnnxRuntime:
         Raises:
             ExportError: ONNX Runtime can't open the model here.
         """
-        shared = self.load_threads is not None and own_share(self.threads) < self.threads
+        shared = self.load_threads is not None and batch_share(self.threads) < self.threads
         threads = self.load_threads if shared else self.threads
         return self._rebuild(self.run_numpy([_as_array(x) for x in _images(batch, self.per_image)], threads))
 
