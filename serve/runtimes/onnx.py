@@ -54,8 +54,9 @@ running batches, or other processes holding cores). Why the second: served by 2 
 resnet18 at c=16 made 50-51 req/s with it against 42-44 with the 2-thread session alone (two rounds,
 one run, nothing shed; EfficientNet-Lite0 was level, 154-157 against 133-160); and beside two
 CPU-bound processes in scheduling groups of their own (as containers on a node are), a lone request
-took 27.5-32.5 ms p50 on the 2-thread session against 16.2 ms on one thread (tests/test_busy_host.py,
-two runs): the group's CPU share doesn't grow with its threads, only their waiting does. (In-process,
+took 27.5 and 32.5 ms p50 on the 2-thread session against 16.2 ms on one thread (tests/test_busy_host.py,
+two runs; weak evidence, as thread placement alone swung such comparisons up to 2x either way there):
+the group's CPU share doesn't grow with its threads, only their waiting does. (In-process,
 beside busy loops in the process's own group, 2 threads had looked no worse: EfficientNet-Lite0 b1
 9.9-13.7 against 9.7-16.9 ms; there more threads simply took more of the neighbours' time.) The
 threads don't spin after a run (session.intra_op.allow_spinning=0: spinning cost resnet18 54 ms of
