@@ -3,7 +3,6 @@ requests sent in turn to several servers so that each is measured beside the sam
 from __future__ import annotations
 
 import http.client
-import os
 import statistics
 import subprocess
 import sys

@@ -27,9 +27,9 @@ def test_beside_busy_neighbours_the_defaults_answer_within_1_5x_of_one_thread_pe
         servers["pinned"] = Server({**base, "SERVE_TORCH_THREADS": "1"}, tmp_path / "pinned.log", inherit_settings=False)
         with neighbours(CORES):  # as many busy loops as the server has cores
             time.sleep(1.0)  # a second of their load in the servers' measure
-            # Turn by turn, request by request: the neighbours' share of the cores swings from moment to
-            # moment (the kernel balances their scheduling groups and ours across the cores), and both
-            # servers must meet the same swings. Beside them, either server counts the other's work as
+            # Turn by turn, request by request: the share of the cores a server's thread gets swings from
+            # moment to moment (the kernel moves the busy loops and the servers' threads between the
+            # cores), and both servers must meet the same swings. Beside them, either server counts the other's work as
             # other processes' too, which changes nothing: the busy loops alone hold a core.
             figures = summary(lone_requests({k: s.url for k, s in servers.items()}, cat_jpeg,
                                             blocks=60, per_block=1, lead_s=0))
