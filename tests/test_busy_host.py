@@ -3,7 +3,7 @@ must not answer a lone request much slower than the same server pinned to one th
 
 Without serve/cores.py's measure of the cores other processes hold, eager PyTorch at the default 2
 threads answered in 191 ms p50 (480 ms p90) here beside two busy loops on 2 cores, against 78 ms
-pinned (one run, this test); with it, 73-85 against 71-109 ms over several runs."""
+pinned (one run, this test); with it, 73-85 against 64-109 ms over several runs."""
 from __future__ import annotations
 
 import time
