@@ -10,7 +10,6 @@ the figures.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -18,21 +17,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from busy_host import lone_requests, neighbours, summary  # noqa: E402
 from servers import Server  # noqa: E402
+from soak import cat_jpeg  # noqa: E402
 
 from serve.cores import available_cores  # noqa: E402
-
-
-def cat_jpeg() -> bytes:
-    from PIL import Image
-    from skimage import data
-
-    buf = io.BytesIO()
-    Image.fromarray(data.chelsea()).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
 
 
 def main() -> None:

@@ -50,8 +50,7 @@ class Predictor:
                 raise ConfigError(f"model '{spec.name}': task '{spec.task}': its options need the PyTorch "
                                   f"module, which {spec.checkpoint.name} doesn't have")
             self.module, self.eager, self.runtime = None, None, loaded.runtime
-            self.runtime.threads = threads or self.runtime.threads
-            self.runtime.load_threads = 1 if not threads and self.runtime.threads > 1 else None
+            self.runtime.use_threads(threads)
         else:
             self.module = self.task.adapt(loaded.module)
             self.eager = RUNTIMES["eager"](self.module, loaded.device, spec.half, spec.channels_last)
@@ -118,8 +117,7 @@ class Predictor:
             try:
                 self.runtime = build_onnx_runtime(
                     self.module, sample, rule=self.task.runtime_rule, dynamic_hw=not self.task.fixed_size,
-                    cache_dir=self.onnx_cache_dir, device=self.loaded.device, threads=self.threads,
-                    load_threads=None if self.threads else 1,
+                    cache_dir=self.onnx_cache_dir, device=self.loaded.device,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold
                     cache_key_parts={"sha256": self.loaded.sha256, "architecture": spec.architecture,
                                      "kwargs": spec.kwargs, "task": spec.task,
@@ -127,6 +125,7 @@ class Predictor:
             except ExportError as exc:
                 reason = exc.message
         if reason is None:
+            self.runtime.use_threads(self.threads)
             described = self.runtime.describe()
             log.info("model '%s': serving ONNX Runtime (export %s s, cache %s)", spec.name,
                      described.get("export_s"), described.get("cache"))

@@ -82,6 +82,17 @@ def test_without_load_threads_one_session_whatever_the_core_share(tmp_path):
     assert set(runtime._sessions) == {2}
 
 
+def test_use_threads_pinned_gives_one_session_and_shared_gives_a_second_single_threaded_one():
+    from serve.cores import available_cores
+
+    runtime = build_onnx_runtime(tiny_net(), torch.zeros(1, 3, 8, 8), cache_key_parts=PARTS, cache_dir=None)
+    runtime.use_threads(1)  # SERVE_TORCH_THREADS=1
+    assert (runtime.threads, runtime.load_threads) == (1, None)
+    runtime.use_threads(None)  # the default: every core, and one thread for a smaller share
+    assert runtime.threads == available_cores()
+    assert runtime.load_threads == (1 if available_cores() > 1 else None)
+
+
 def test_resnet18_matches_eager(tmp_path):
     torch.manual_seed(0)
     module = torchvision.models.resnet18(weights=None, num_classes=10).eval()

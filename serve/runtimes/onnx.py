@@ -339,6 +339,13 @@ class OnnxRuntime:
         self._inherited: list[Any] = []  # sessions a parent made before fork: never destroyed here
         self._lock = threading.Lock()
 
+    def use_threads(self, threads: int | None) -> None:
+        """The threads to serve with: `threads` fixed (SERVE_TORCH_THREADS), one session of that many;
+        None, one session with every core and, with more than one core, a single-threaded one for a
+        batch whose share of the cores is smaller (see Threads in the module docstring)."""
+        self.threads = max(1, threads or available_cores())
+        self.load_threads = None if threads or self.threads == 1 else 1
+
     @property
     def per_image(self) -> bool:
         return self.layout["kind"] == "per_image"
