@@ -43,19 +43,16 @@ def cat_jpeg() -> bytes:
 
 def in_process(config: Path, name: str, photo: bytes, runs: int = 20) -> list[float]:
     from serve.config import load_config
-    from serve.registry import Registry
+    from serve.service import Call, Inputs, PredictionService
 
-    registry = Registry.load(load_config(config), names=[name])
-    predictor = registry.get(name)
-    params = predictor.task.parse_params({})
+    service = PredictionService.load(load_config(config), names=[name])
+    call = Call(lambda _served: Inputs([photo]), name)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        prepared = predictor.preprocess(photo)
-        output = registry.infer(name, [prepared.tensor]).outputs[0]
-        predictor.task.finish(output, prepared, params)
+        service.predict(call).results()
         times.append((time.perf_counter() - started) * 1000)
-    registry.close()
+    service.close()
     return times
 
 

@@ -34,6 +34,15 @@ class JsonFormatter(logging.Formatter):
 UNKNOWN_MODEL = "(unknown)"
 
 
+def note(response: Response, **values: object) -> Response:
+    """Carry values for the request's access-log line and metrics on its response: batch_size (a
+    prediction's Answer.batch_size), error_code (the answer's error code, whatever its body's shape)."""
+    if not hasattr(response, "access"):
+        response.access = {}
+    response.access.update(values)
+    return response
+
+
 def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, models: frozenset[str]) -> None:
     """Give every request an id (X-Request-ID, accepted or generated, echoed), a log line and metrics.
 
@@ -56,8 +65,9 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
         if request.endpoint in PREDICTION_ENDPOINTS:
             model = model or default_model
             metrics.observe_request(model if model in models else UNKNOWN_MODEL, response.status_code, elapsed)
+        noted = getattr(response, "access", {})
         if response.status_code >= 400:
-            metrics.errors.labels(g.get("error_code") or f"http_{response.status_code}").inc()
+            metrics.errors.labels(noted.get("error_code") or f"http_{response.status_code}").inc()
         log.info(json.dumps({
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
             "request_id": request_id,
@@ -66,7 +76,7 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
             "model": model,
             "status": response.status_code,
             "latency_ms": round(elapsed * 1000, 2),
-            "batch_size": g.get("batch_size"),  # a prediction's Inference.batch_size, noted by its view
+            "batch_size": noted.get("batch_size"),
             "bytes_in": request.content_length,
             "remote": request.remote_addr,
             "key": g.get("api_key_name"),  # the API key's name (serve/auth.py), never the key

@@ -14,8 +14,8 @@ from serve.lifecycle import Lifecycle, check_state_dir
 from serve.metrics import Metrics
 from serve.openapi import build_openapi, v2_paths
 from serve.page import page
-from serve.registry import Registry
 from serve.routes import bp, management
+from serve.service import PredictionService
 from serve.v2 import v2
 
 
@@ -33,21 +33,21 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     if config.server.enable_management:
         check_state_dir(config.server.state_dir)
     metrics = Metrics()
-    registry = Registry.load(config, metrics=metrics)
+    service = PredictionService.load(config, metrics=metrics)
     app = Flask(__name__, static_folder=None)  # the page blueprint serves serve/static itself
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_upload_bytes
     # Parsing costs per part: cap the parts near the image limit (werkzeug's default is 1000).
     app.config["MAX_FORM_PARTS"] = config.server.max_images_per_request + 16
     app.json.sort_keys = False
-    app.extensions["serve"] = registry
+    app.extensions["serve"] = service
     app.extensions["serve.metrics"] = metrics
     # Versions loaded, made default, unloaded or reloaded through the management API, in every worker:
     # the control file in state_dir is applied before serving (a worker respawned later too).
     models_dir = config.server.models_dir or (config.source.parent if config.source is not None else None)
-    lifecycle = Lifecycle(registry, config.server.state_dir, models_dir, metrics)
+    lifecycle = Lifecycle(service.table, config.server.state_dir, models_dir, metrics)
     lifecycle.sync()
     app.extensions["serve.lifecycle"] = lifecycle
-    app.extensions["serve.openapi"] = build_openapi(registry, v2_paths(list(registry.models)),
+    app.extensions["serve.openapi"] = build_openapi(service.table, v2_paths(list(service.table.models)),
                                                    management=config.server.enable_management)
     app.register_blueprint(bp)
     app.register_blueprint(v2)
@@ -55,7 +55,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)
-    register_request_hooks(app, metrics, registry.default_name, frozenset(registry.models))
+    register_request_hooks(app, metrics, service.table.default_name, frozenset(service.table.models))
     app.before_request(lifecycle.watch)  # once per process: the watcher thread (gunicorn starts it earlier)
     register_auth(app, api_keys)  # after the request hooks: a refused request is logged and counted too
     return app

@@ -19,7 +19,7 @@ from serve.formats.safe_globals import resolve_safe_globals
 from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
 from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint, weights_path
-from serve.registry import Registry
+from serve.service import Call, Inputs, PredictionService
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,14 +182,14 @@ def _print_tensors(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    registry = Registry.load(config)
-    for predictor in registry.predictors.values():
+    service = PredictionService.load(config)
+    for predictor in service.table.predictors.values():
         meta = predictor.metadata()
         print(
             f"{meta['name']}: ok, {predictor.task.summary()}, {meta['architecture']} on {meta['device']}, "
             f"runtime {_runtime_line(meta['runtime'])}, {meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
         )
-    registry.close()
+    service.close()
     return 0
 
 
@@ -206,31 +206,28 @@ def _runtime_line(runtime: dict) -> str:
 def run_predict(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = args.model or config.models[0].name
-    registry = Registry.load(config, names=[name])
     try:
-        predictor = registry.get(name)
-        try:
-            data = args.image.read_bytes()
-        except OSError as exc:
-            print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
-            return 1
-        given = {"topk": args.topk, "threshold": args.threshold}
-        params = predictor.task.parse_params({k: str(v) for k, v in given.items() if v is not None})
-        answer_format = args.format or predictor.spec.response_format
-        if answer_format not in predictor.task.formats:
-            raise InvalidRequestError(f"format must be one of {list(predictor.task.formats)} for task "
-                                      f"'{predictor.task.name}'")
-        prepared = predictor.preprocess(data)
-        output = registry.infer(name, [prepared.tensor]).outputs[0]
-        if answer_format == "png":
-            if args.output is None:
-                raise InvalidRequestError("--format png needs --output FILE")
-            args.output.write_bytes(predictor.task.png(output, prepared))
-            print(f"wrote {args.output}")
-        elif answer_format == "torchserve":
-            print(json.dumps(predictor.task.torchserve([output], [prepared], params), indent=2))
-        else:
-            print(json.dumps(predictor.task.finish(output, prepared, params).to_dict(), indent=2))
-        return 0
+        data = args.image.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if args.format == "png" and args.output is None:
+        raise InvalidRequestError("--format png needs --output FILE")
+    given = {"topk": args.topk, "threshold": args.threshold}
+    service = PredictionService.load(config, names=[name])
+    try:
+        answer = service.predict(Call(lambda _served: Inputs([data]), name,
+                                      params={k: str(v) for k, v in given.items() if v is not None},
+                                      answer_format=args.format))
     finally:
-        registry.close()
+        service.close()
+    if answer.answer_format == "png":
+        if args.output is None:
+            raise InvalidRequestError("--format png needs --output FILE")
+        args.output.write_bytes(answer.png())
+        print(f"wrote {args.output}")
+    elif answer.answer_format == "torchserve":
+        print(json.dumps(answer.torchserve(), indent=2))
+    else:
+        print(json.dumps(answer.results()[0].to_dict(), indent=2))
+    return 0

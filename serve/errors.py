@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from serve.access import note
 from serve.wire import drain_after
 
 log = logging.getLogger(__name__)
@@ -138,15 +138,10 @@ class VersionConflictError(ServeError):
     code = "version_conflict"
 
 
-def error_response(status: int, code: str, message: str):
-    note_error_code(code)
-    return jsonify({"error": {"code": code, "message": message}}), status
-
-
-def note_error_code(code: str) -> None:
-    """Record the answer's error code for the request's metrics (serve/access.py), whatever shape
-    its body has (V2's error bodies carry only a message)."""
-    g.error_code = code
+def error_response(status: int, code: str, message: str) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return note(response, error_code=code)
 
 
 def http_error_code(exc: HTTPException) -> str:
@@ -157,25 +152,19 @@ def finish_serve_error(exc: ServeError, response: Response) -> Response:
     """What every ServeError answer shares, whatever its body's shape: its code noted, a log line for
     real server faults, the error's own headers (WWW-Authenticate), Retry-After on 503s (overload,
     timeouts, not ready)."""
-    note_error_code(exc.code)
+    note(response, error_code=exc.code)
     drain_after(response, request.environ, current_app.config.get("MAX_CONTENT_LENGTH"))
     response.headers.update(exc.headers)
     if exc.status >= 500 and exc.status != 503:
         log.error("%s: %s", exc.code, exc.message)
     if exc.status == 503:
         response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))  # OverloadedError's: its predicted wait
-    registry = current_app.extensions.get("serve")
-    if getattr(exc, "holdable", False) and registry is not None:
-        environ = request.environ
-        hold_s = registry.resends.hold_s((environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT")), exc.retry_after_s)
-        if hold_s:
-            time.sleep(hold_s)  # this request thread only: no CPU, nothing else waits
     return response
 
 
 def finish_http_error(exc: HTTPException, response: Response) -> Response:
     """What every HTTPException answer shares: its code noted, Allow on a 405."""
-    note_error_code(http_error_code(exc))
+    note(response, error_code=http_error_code(exc))
     drain_after(response, request.environ, current_app.config.get("MAX_CONTENT_LENGTH"))
     if exc.code == 405 and getattr(exc, "valid_methods", None):
         response.headers["Allow"] = ", ".join(exc.valid_methods)
@@ -187,13 +176,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServeError)
     def _serve_error(exc: ServeError):
-        response, status = error_response(exc.status, exc.code, exc.message)
-        return finish_serve_error(exc, response), status
+        return finish_serve_error(exc, error_response(exc.status, exc.code, exc.message))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        response, status = error_response(exc.code or 500, http_error_code(exc), exc.description or exc.name)
-        return finish_http_error(exc, response), status
+        return finish_http_error(exc, error_response(exc.code or 500, http_error_code(exc), exc.description or exc.name))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

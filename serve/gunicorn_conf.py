@@ -148,11 +148,10 @@ def post_worker_init(worker):
     lifecycle = getattr(worker.wsgi, "extensions", {}).get("serve.lifecycle")
     if lifecycle is not None:
         lifecycle.start()
-    registry = getattr(worker.wsgi, "extensions", {}).get("serve")
-    if registry is not None:
-        registry.warm_runtimes(busy_sessions=workers > 1)  # one worker never runs beside another
-        if registry.cores is not None:
-            registry.cores.start(root=os.getppid())  # the host's load, less the master's and workers' own
+    service = getattr(worker.wsgi, "extensions", {}).get("serve")
+    if service is not None:
+        # One worker never runs beside another; the host's load counts less the master's and workers' own.
+        service.start_worker(busy_sessions=workers > 1, server_pid=os.getppid())
 
 
 def when_ready(server):

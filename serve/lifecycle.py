@@ -55,7 +55,7 @@ from serve.errors import (
     VersionConflictError,
 )
 from serve.metrics import Metrics
-from serve.registry import Registry, Source, Versions
+from serve.model_table import ModelTable, Source, Versions
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,9 @@ def check_state_dir(state_dir: Path | None) -> None:
 class Lifecycle:
     """This worker's side of the control file: management calls, and following the other workers'."""
 
-    def __init__(self, registry: Registry, state_dir: Path | None, models_dir: Path | None,
+    def __init__(self, table: ModelTable, state_dir: Path | None, models_dir: Path | None,
                  metrics: Metrics | None = None):
-        self.registry = registry
+        self.table = table
         self.dir = Path(state_dir) if state_dir is not None else None
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.metrics = metrics
@@ -150,7 +150,7 @@ class Lifecycle:
         threading.Thread(target=self._follow, name="lifecycle", daemon=True).start()
 
     def _follow(self) -> None:
-        while not self.registry.closed:
+        while not self.table.closed:
             try:
                 self.sync()
             except Exception:  # the watcher must outlive any one bad read
@@ -178,16 +178,16 @@ class Lifecycle:
         """Make this worker serve what `state` says; a model that fails keeps its versions."""
         failed = []
         for name, entry in state["models"].items():
-            if name not in self.registry.models:
+            if name not in self.table.models:
                 continue
             try:
                 wanted = {v: Source(**fields) for v, fields in entry["versions"].items()}
-                self.registry.batcher.call(self.registry.apply, name, wanted, entry["default"]).result()
+                self.table.apply(name, wanted, entry["default"])
             except (ServeError, TypeError, KeyError) as exc:
                 message = exc.message if isinstance(exc, ServeError) else f"malformed entry: {exc!r:.200}"
                 log.error("lifecycle: generation %d: model '%s': %s; still serving versions %s (default %s)",
-                          state["generation"], name, message, sorted(self.registry.models[name].versions),
-                          self.registry.models[name].default)
+                          state["generation"], name, message, sorted(self.table.models[name].versions),
+                          self.table.models[name].default)
                 if self.metrics is not None:
                     self.metrics.lifecycle_failures.labels(name).inc()
                 failed.append(name)
@@ -300,7 +300,7 @@ class Lifecycle:
         return self._change(name, edit, "reload failed, still serving the previous weights")
 
     def _change(self, name: str, edit: Callable[[Entry, int], Entry], failure: str) -> Change:
-        self.registry.versions(name)  # ModelNotFoundError first
+        self.table.versions(name)  # ModelNotFoundError first
         with self._exclusive():
             state = self._read() if self.dir is not None else None
             if state is not None and state["generation"] > self.applied:
@@ -310,7 +310,7 @@ class Lifecycle:
             entry = edit(copy.deepcopy(state["models"].get(name) or self.entry(name)), generation)
             wanted = {v: Source(**fields) for v, fields in entry["versions"].items()}
             try:
-                model = self.registry.batcher.call(self.registry.apply, name, wanted, entry["default"]).result()
+                model = self.table.apply(name, wanted, entry["default"])
             except ServeError as exc:
                 raise ReloadFailedError(f"{failure}: {exc.message}") from None
             state["models"][name] = self.entry(name)  # each version's sha256 as loaded here: the others must match
@@ -324,7 +324,7 @@ class Lifecycle:
 
     def entry(self, name: str) -> Entry:
         """What this worker serves for a model, as a control file entry."""
-        model = self.registry.versions(name)
+        model = self.table.versions(name)
         return {"default": model.default, "versions": {
             v: {"checkpoint": s.source.checkpoint, "sha256": s.predictor.loaded.sha256, "loaded": s.source.loaded}
             for v, s in model.versions.items()}}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.registry import Registry
+from serve.model_table import ModelTable
 
 VERSION = "0.1.0"
 
@@ -83,12 +83,12 @@ def result_schemas(result_types) -> tuple[dict[str, dict], list[dict]]:
     return components, refs
 
 
-def build_openapi(registry: Registry, extra_paths: dict[str, Any] | None = None,
+def build_openapi(table: ModelTable, extra_paths: dict[str, Any] | None = None,
                   management: bool = False) -> dict[str, Any]:
     """The document for this server's routes; `extra_paths` adds blueprints' own (the V2 protocol),
     `management` the reload route where it is served. The page's static files (/ui/...) are left out."""
-    names = list(registry.predictors)
-    tasks = {p.task.name: p.task for p in registry.predictors.values()}
+    names = list(table.models)
+    tasks = {p.task.name: p.task for p in table.predictors.values()}
     results, refs = result_schemas(dict.fromkeys(type(t).Result for t in tasks.values()))
     query = merged_parameters([p for t in tasks.values() for p in t.query_parameters()])
     query.append({"name": "format", "in": "query", "required": False,

@@ -166,6 +166,17 @@ class Predictor:
         finally:
             torch.set_num_threads(threads)
 
+    def time_one(self) -> float:
+        """Seconds of one blank image's eager forward after warm-up: admission's first per-image cost.
+        Eager's even where another runtime serves (ONNX Runtime must not start in a process that forks
+        workers later: a pessimistic first figure, replaced by the first measured batches); 0 for a
+        model with no eager module (an .onnx file), so nothing is shed before it is measured."""
+        if self.eager is None:
+            return 0.0
+        started = time.perf_counter()
+        self.task.run(self.eager.forward, [self.task.blank()])
+        return time.perf_counter() - started
+
     def single_threaded(self, batch_size: int) -> bool:
         """Whether torch runs this CPU batch on one thread: a batch too small for a second thread to pay
         for OpenMP's spin-waiting (serve/cores.py), or any batch another runtime forwards. ONNX Runtime
@@ -222,7 +233,7 @@ class Predictor:
             "runtime": self.describe_runtime(),
             "architecture": spec.architecture or "whole-model pickle",
             "device": str(self.loaded.device),
-            "ready": True,  # a model is served only once loaded and warm (Registry._build_and_install)
+            "ready": True,  # a model is served only once loaded and warm (ModelTable._build)
             "input": {
                 "shape": list(self.input_shape),
                 "mode": pre.mode,

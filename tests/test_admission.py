@@ -32,16 +32,17 @@ class Held:
     """The app's inference thread held by a call until released; images queued behind it wait."""
 
     def __init__(self, app):
-        self.registry = app.extensions["serve"]
+        self.service = app.extensions["serve"]
         self.release = threading.Event()
-        self.registry.batcher.call(self.release.wait, 30)
+        self.service.scheduler.batcher.call(self.release.wait, 30)
 
     def queue(self, count: int) -> list:
         """`count` images queued for the slow model's default version, as requests queue them."""
-        served = self.registry.served("slow")
+        served = self.service.table.served("slow")
         tensor = served.predictor.preprocess(PNG).tensor
-        futures = self.registry.batcher.submit_many(served.lane, [tensor] * count)
-        self.registry.service.track("slow", futures)
+        scheduler = self.service.scheduler
+        futures = scheduler.batcher.submit_many(served.lanes.images, [tensor] * count)
+        scheduler.service_time.track("slow", futures)
         return futures
 
     def __enter__(self):
@@ -53,9 +54,9 @@ class Held:
 
 def drained(app) -> None:
     """Wait (10 s at most) until the held images have run."""
-    registry = app.extensions["serve"]
+    scheduler = app.extensions["serve"].scheduler
     deadline = time.monotonic() + 10
-    while registry.batcher.pending and time.monotonic() < deadline:
+    while scheduler.batcher.pending and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -110,12 +111,12 @@ def test_client_deadlines_parse_and_bad_ones_are_400():
 
 def test_the_measured_cost_follows_the_forward_time(tmp_path, make_app):
     app = make_app(slow_spec(tmp_path))
-    registry = app.extensions["serve"]
-    assert registry.service.cost_s("slow") >= DELAY_MS / 1000  # seeded by a timed forward after warm-up
+    scheduler = app.extensions["serve"].scheduler
+    assert scheduler.service_time.cost_s("slow") >= DELAY_MS / 1000  # seeded by a timed forward after warm-up
     client = app.test_client()
     for _ in range(3):
         assert client.post("/predictions/slow", data=PNG, content_type="image/png").status_code == 200
-    assert DELAY_MS / 1000 <= registry.service.cost_s("slow") < 10 * DELAY_MS / 1000
+    assert DELAY_MS / 1000 <= scheduler.service_time.cost_s("slow") < 10 * DELAY_MS / 1000
 
 
 def test_a_request_that_would_wait_over_the_budget_is_shed_at_once_with_retry_after(tmp_path, make_app):
@@ -123,7 +124,7 @@ def test_a_request_that_would_wait_over_the_budget_is_shed_at_once_with_retry_af
     client = app.test_client()
     with Held(app) as held:
         held.queue(12)  # about 1.2 s of work ahead
-        wait = app.extensions["serve"].service.predicted_wait_s()
+        wait = app.extensions["serve"].scheduler.service_time.predicted_wait_s()
         started = time.monotonic()
         answer = client.post("/predictions/slow", data=PNG, content_type="image/png")
         elapsed = time.monotonic() - started
@@ -167,9 +168,9 @@ def test_a_request_within_the_budget_is_admitted_and_answered(tmp_path, make_app
         thread = threading.Thread(target=lambda: answers.append(
             app.test_client().post("/predictions/slow", data=PNG, content_type="image/png")))
         thread.start()
-        registry = app.extensions["serve"]
+        scheduler = app.extensions["serve"].scheduler
         deadline = time.monotonic() + 10
-        while registry.service.predicted_wait_s() < 0.2 and time.monotonic() < deadline:
+        while scheduler.service_time.predicted_wait_s() < 0.2 and time.monotonic() < deadline:
             time.sleep(0.01)  # the request's image is queued behind the first
     thread.join(10)
     assert answers[0].status_code == 200 and answers[0].json["predictions"][0]["label"] == "green"
@@ -189,7 +190,7 @@ def test_the_header_deadline_tightens_the_budget(tmp_path, make_app):
 
 def test_a_deadline_that_passes_while_queued_answers_timeout_and_cancels_the_images(tmp_path, make_app):
     app = make_app(slow_spec(tmp_path))
-    registry = app.extensions["serve"]
+    scheduler = app.extensions["serve"].scheduler
     client = app.test_client()
     with Held(app):
         # Nothing queued: admitted; the held thread never reaches it within 300 ms.
@@ -198,7 +199,7 @@ def test_a_deadline_that_passes_while_queued_answers_timeout_and_cancels_the_ima
         status, code, message = error(answer)
         assert (status, code) == (503, "timeout")
         assert message == "model 'slow' did not answer within 300 ms (X-Request-Timeout-Ms); try again"
-        assert registry.service.predicted_wait_s() == 0 and registry.batcher.pending == 1  # only the held call
+        assert scheduler.service_time.predicted_wait_s() == 0 and scheduler.batcher.pending == 1  # only the held call
     text = client.get("/metrics").data.decode()
     assert metric(text, "serve_shed_total", model="slow", reason="deadline") == 1
     assert metric(text, "serve_batch_size_count", model="slow", default=0) == 0  # the image never ran

@@ -199,17 +199,17 @@ def test_full_queue_is_shed_at_once_with_retry_after(make_app):
     import threading
 
     app = make_app(max_queue=2)
-    registry = app.extensions["serve"]
+    batcher = app.extensions["serve"].scheduler.batcher
     release = threading.Event()
-    blocker = registry.batcher.call(release.wait, 10)  # occupies the inference thread: 1 pending
+    blocker = batcher.call(release.wait, 10)  # occupies the inference thread: 1 pending
     answers = []
     waiting = threading.Thread(target=lambda: answers.append(
         app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")))
     waiting.start()
     deadline = time.monotonic() + 10
-    while registry.batcher.pending < 2 and time.monotonic() < deadline:
+    while batcher.pending < 2 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert registry.batcher.pending == 2, "the second request never queued"
+    assert batcher.pending == 2, "the second request never queued"
     response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")
     assert error(response)[:2] == (503, "overloaded")
     assert response.headers["Retry-After"] == "1"
@@ -217,7 +217,7 @@ def test_full_queue_is_shed_at_once_with_retry_after(make_app):
     waiting.join(10)
     assert blocker.result(5) is True
     assert answers[0].status_code == 200 and answers[0].json == expected_answer((255, 0, 0))
-    assert registry.batcher.pending == 0
+    assert batcher.pending == 0
 
 
 def test_request_deadline_answers_503(make_app):
@@ -225,7 +225,7 @@ def test_request_deadline_answers_503(make_app):
 
     app = make_app(request_timeout_s=0.05)
     release = threading.Event()
-    app.extensions["serve"].batcher.call(release.wait, 10)
+    app.extensions["serve"].scheduler.batcher.call(release.wait, 10)
     response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png")
     release.set()
     status, code, message = error(response)

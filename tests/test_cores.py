@@ -79,12 +79,13 @@ def test_a_single_threaded_batch_takes_one_thread_and_still_counts_as_busy():
 
 
 def test_small_batches_run_single_threaded_and_big_ones_share_the_cores(tmp_path, tiny_checkpoint):
-    """Warm-up times a batch-1 forward on one thread; the registry then sets the threads per batch."""
+    """Warm-up times a batch-1 forward on one thread; the scheduler then sets the threads per batch."""
     from conftest import tiny_model_config
 
     from serve.config import build_config
     from serve.loader import build_module
-    from serve.registry import Registry
+    from serve.scheduler import Work
+    from serve.service import PredictionService
 
     resnet18 = tmp_path / "resnet18.pth"
     torch.save(build_module("resnet18", {}).state_dict(), resnet18)
@@ -94,9 +95,10 @@ def test_small_batches_run_single_threaded_and_big_ones_share_the_cores(tmp_path
         tiny_model_config(resnet18, name="resnet18", architecture="resnet18", kwargs={}, labels=None,
                           preprocess={"resize": 224, "crop": 224}),  # tens of ms on one thread
     ]})
-    registry = Registry.load(config)
+    service = PredictionService.load(config)
+    scheduler = service.scheduler
     try:
-        registry.cores = CoreShare(2)
+        scheduler.cores = CoreShare(2)
 
         def threads_for(predictor, size: int) -> int:
             seen = []
@@ -106,17 +108,17 @@ def test_small_batches_run_single_threaded_and_big_ones_share_the_cores(tmp_path
                 return predictor.predict_batch(inputs)
 
             batch = [torch.zeros(predictor.input_shape, dtype=torch.uint8)] * size
-            registry.batcher.call(registry._run, predictor, spy, batch).result()
+            scheduler.call(scheduler._run_lane, Work(predictor.name, spy, True, predictor.single_threaded), batch)
             return seen[0]
 
-        tiny, setup, big = (registry.predictors[name] for name in ("tiny", "setup", "resnet18"))
+        tiny, setup, big = (service.table.predictors[name] for name in ("tiny", "setup", "resnet18"))
         assert tiny.forward_ms < 2 and setup.forward_ms < 2 and big.forward_ms > 4
         assert threads_for(tiny, 1) == threads_for(setup, 1) == 1 and threads_for(big, 1) == 2
         # The rule is per batch: a batch whose cost adds up past 2 ms shares the cores again.
         tiny.forward_ms = 0.1
         assert threads_for(tiny, 16) == 1 and threads_for(tiny, 32) == 2
     finally:
-        registry.close()
+        service.close()
 
 
 def _fake_proc(tmp_path, cpu_busy: list[int], own: dict[int, int]) -> None:

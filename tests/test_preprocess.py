@@ -192,7 +192,7 @@ def test_an_image_over_the_budget_still_gets_in_alone():
 
 def test_a_request_decodes_only_within_the_workers_pixel_budget(make_app):
     app = make_app(max_image_pixels=1000)
-    budget = app.extensions["serve"].pixels
+    budget = app.extensions["serve"].scheduler.pixels
     answers = []
     with budget.hold(1000):  # another request's image holds the whole budget
         request = threading.Thread(target=lambda: answers.append(app.test_client().post(

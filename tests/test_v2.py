@@ -169,7 +169,7 @@ def test_fp32_with_default_outputs_and_a_version(triton):
 
 def test_fp32_forward_runs_on_the_batcher_thread(client, v2_app):
     threads = []
-    module = v2_app.extensions["serve"].get("tiny").loaded.module
+    module = v2_app.extensions["serve"].table.served("tiny").predictor.loaded.module
     handle = module.register_forward_pre_hook(lambda m, args: threads.append(threading.current_thread().name))
     try:
         assert client.post("/v2/models/tiny/infer", json=fp32_body()).status_code == 200
@@ -180,12 +180,13 @@ def test_fp32_forward_runs_on_the_batcher_thread(client, v2_app):
 
 def test_fp32_batches_keep_the_models_max_batch_size_and_count_per_image(tiny_checkpoint, make_app):
     app = make_app(tiny_model_config(tiny_checkpoint, max_batch_size=2), max_images_per_request=5)
-    registry = app.extensions["serve"]
+    service = app.extensions["serve"]
     sizes, depths = [], []
-    module = registry.get("tiny").loaded.module
+    module = service.table.served("tiny").predictor.loaded.module
     module.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
-    observe = registry.metrics.observe_batch
-    registry.metrics.observe_batch = lambda *a: (depths.append(a[-1]), observe(*a))
+    metrics = service.scheduler.metrics
+    observe = metrics.observe_batch
+    metrics.observe_batch = lambda *a: (depths.append(a[-1]), observe(*a))
     batch = dyadic_batch(5, seed=3)
     response = app.test_client().post("/v2/models/tiny/infer", json=fp32_body(
         shape=list(batch.shape), data=batch.flatten().tolist()))
@@ -439,9 +440,8 @@ def test_raw_unknown_routes_and_methods(client):
 
 def test_raw_overloaded_is_503(make_app):
     app = make_app(max_queue=1)
-    registry = app.extensions["serve"]
     release = threading.Event()
-    blocker = registry.batcher.call(release.wait, 10)  # the inference thread is busy: 1 image's worth queued
+    blocker = app.extensions["serve"].scheduler.batcher.call(release.wait, 10)  # the inference thread is busy: 1 image's worth queued
     try:
         response = app.test_client().post("/v2/models/tiny/infer", json=fp32_body())
         status, message = v2_error(response)

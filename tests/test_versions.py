@@ -213,7 +213,7 @@ def test_reload_reads_the_file_again_and_a_request_keeps_the_weights_it_started_
     client = app.test_client()
     before = f"2 {sha12(files['b'])}"
     release = threading.Event()
-    app.extensions["serve"].batcher.call(release.wait, 10)
+    app.extensions["serve"].scheduler.batcher.call(release.wait, 10)
     answers = {}
     inflight = threading.Thread(target=lambda: answers.update(old=post(app.test_client(), "/predictions/tiny/2")))
     inflight.start()

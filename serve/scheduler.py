@@ -1,0 +1,185 @@
+"""Scheduler: when and how work runs on the process's inference thread (batching, admission, cores)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from serve.admission import Deadline, Resends, ServiceTime, retry_after_s
+from serve.batching import Batcher, Lane, make_lane
+from serve.config import ServerSettings
+from serve.cores import CoreShare, HostLoad, available_cores
+from serve.errors import BatchTimeoutError, OverloadedError
+from serve.memory import PixelBudget
+from serve.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one lane runs: a model's batch function, and the rules for running it."""
+
+    model: str
+    forward: Callable[[list[Any]], list[Any]]  # a batch of inputs -> one output per input
+    cpu: bool  # CPU batches take their share of the cores; a GPU's don't
+    single_threaded: Callable[[int], bool]  # whether torch runs a batch of this size on one thread
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """A model version's two lanes: encoded images made uint8 tensors, and preprocessed float tensors
+    (V2's FP32 input). Both batch up to max_batch_size, one image a queue entry."""
+
+    images: Lane
+    tensors: Lane
+
+
+class Scheduler:
+    """One inference thread (the Batcher) for every model of the process, and what decides whether and
+    how a request's images run on it: admission by predicted wait, the hold for clients that resend
+    refusals at once, the cores a CPU batch takes, the decode pixel budget, batch metrics."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None, cores: CoreShare | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.batcher = Batcher("inference")
+        self.cores = cores  # None: a fixed torch_threads, so nothing to share
+        self.pixels = PixelBudget(settings.max_image_pixels)  # one decode budget for every model
+        self.service_time = ServiceTime()
+        self.resends = Resends(settings.shed_hold_ms / 1000)
+        self._last_end, self._backlog = 0.0, False  # the inference thread's last batch: when, and was work waiting
+
+    @classmethod
+    def for_settings(cls, settings: ServerSettings, metrics: Metrics | None = None) -> Scheduler:
+        """With no fixed torch_threads, CPU batches share the cores the host's load leaves them."""
+        cores = None if settings.torch_threads else CoreShare(available_cores(), HostLoad())
+        return cls(settings, metrics, cores)
+
+    # --- the inference thread -----------------------------------------------------------------------
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the inference thread between batches (loading, warm-up); its result.
+        The thread's time then is no batch's cost."""
+        return self.batcher.call(self._between_batches, fn, args).result()
+
+    def _between_batches(self, fn: Callable[..., Any], args: tuple) -> Any:
+        self._backlog = False
+        return fn(*args)
+
+    def lanes(self, work: Work, float_forward: Callable[[list[Any]], list[Any]], max_batch_size: int,
+              max_delay_ms: float) -> Lanes:
+        """The lanes of one model version: `work` for uint8 images, `float_forward` for float tensors."""
+        tensors = Work(work.model, float_forward, work.cpu, work.single_threaded)
+        return Lanes(make_lane(partial(self._run_lane, work), max_batch_size, max_delay_ms),
+                     make_lane(partial(self._run_lane, tensors), max_batch_size, max_delay_ms))
+
+    def _run_lane(self, work: Work, inputs: list[Any]) -> list[tuple[Any, int]]:
+        """A gathered batch, on the inference thread; each output carries the batch's size back."""
+        started = time.perf_counter()
+        if self.cores is not None and work.cpu:
+            with self.cores.share(single=work.single_threaded(len(inputs))):
+                outputs = work.forward(inputs)
+        else:
+            outputs = work.forward(inputs)
+        ended = time.perf_counter()
+        waiting = self.batcher.pending - len(inputs)  # this batch's futures are not resolved yet
+        # Its cost on the thread's timeline: from the previous batch's end when work was waiting then
+        # (gathering, answering, the CPU taken by request threads count too), else from its start.
+        self.service_time.observe(work.model, len(inputs), ended - (self._last_end if self._backlog else started))
+        self._last_end, self._backlog = ended, waiting > 0
+        if self.metrics is not None:
+            self.metrics.observe_batch(work.model, len(inputs), ended - started, waiting)
+        return [(output, len(inputs)) for output in outputs]
+
+    # --- a request's images -------------------------------------------------------------------------
+
+    def deadline(self, client_s: float | None = None, source: str = "the request's deadline") -> Deadline:
+        """A request's deadline from now: request_timeout_s, or the client's own if sooner."""
+        timeout = self.settings.request_timeout_s
+        return Deadline.after(timeout, f"{timeout:g}s (request_timeout_s)").tighter(client_s, source)
+
+    def admit(self, model: str, count: int, deadline: Deadline, client: Hashable | None = None) -> None:
+        """Refuse work that can't start in time: checked before a request's body is read, and again
+        when its images are queued. A refusal for the server's own limits, to a client that comes back
+        before the Retry-After it was given, is held first (Resends): it sleeps this thread only.
+
+        Raises:
+            OverloadedError: the predicted wait is over max_queue_wait_ms (or the client's deadline),
+                or max_queue images are already waiting.
+        """
+        try:
+            self._admit(model, count, deadline)
+        except OverloadedError as exc:
+            if exc.holdable and client is not None:
+                hold_s = self.resends.hold_s(client, exc.retry_after_s)
+                if hold_s:
+                    time.sleep(hold_s)
+            raise
+
+    def _admit(self, model: str, count: int, deadline: Deadline) -> None:
+        wait = self.service_time.predicted_wait_s()
+        pending, limit = self.batcher.pending, self.settings.max_queue
+        if pending + count > limit:
+            self._shed(model, "queue_full")
+            raise OverloadedError(f"server busy: {pending} images waiting (limit {limit}); retry shortly",
+                                  retry_after_s(wait), holdable=True)
+        budget = self.settings.max_queue_wait_ms / 1000
+        why = f"max_queue_wait_ms ({self.settings.max_queue_wait_ms:g})"
+        client = deadline.remaining() < budget
+        if client:
+            budget, why = deadline.remaining(), deadline.source
+        if wait > budget:
+            self._shed(model, "predicted_wait")
+            raise OverloadedError(f"server busy: model '{model}' would wait about {wait * 1000:.0f} ms, over "
+                                  f"{why}; retry later", retry_after_s(wait), holdable=not client)
+
+    def run(self, model: str, lane: Lane, inputs: list[Any], deadline: Deadline,
+            client: Hashable | None = None) -> tuple[list[Any], int]:
+        """Admit the inputs, queue them on the lane and wait for their outputs (one each, in order) and
+        the largest batch they ran in.
+
+        Raises:
+            OverloadedError: see admit.
+            BatchTimeoutError: no answer before the deadline; the inputs still queued are cancelled.
+        """
+        self.admit(model, len(inputs), deadline, client)
+        futures = self.batcher.submit_many(lane, inputs)
+        self.service_time.track(model, futures)
+        results = self._wait(futures, model, deadline)
+        return [output for output, _ in results], max(size for _, size in results)
+
+    def _wait(self, futures: list[Future], model: str, deadline: Deadline) -> list:
+        try:
+            return [future.result(timeout=max(0.0, deadline.remaining())) for future in futures]
+        except FutureTimeout:
+            for future in futures:
+                future.cancel()  # the batcher skips them
+            self._shed(model, "deadline")
+            raise BatchTimeoutError(f"model '{model}' did not answer within {deadline.source}; try again") from None
+
+    def _shed(self, model: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.shed.labels(model, reason).inc()
+
+    # --- the process ----------------------------------------------------------------------------
+
+    def seed(self, model: str, seconds: float) -> None:
+        """A model's first per-image cost for admission, replaced as its batches are measured."""
+        self.service_time.seed(model, seconds)
+
+    def start(self, server_pid: int | None = None) -> None:
+        """In a serving process (a gunicorn worker): follow the host's load, less the server's own."""
+        if self.cores is not None:
+            self.cores.start(root=server_pid)
+
+    @property
+    def closed(self) -> bool:
+        return self.batcher.stopped
+
+    def close(self) -> None:
+        self.batcher.stop()
+        if self.cores is not None:
+            self.cores.stop()
