@@ -94,7 +94,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="serve-metrics-")
     _master_pid = os.getpid()
     atexit.register(lambda: os.getpid() == _master_pid and shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], True))
-# The management API's control file (serve/lifecycle.py) lives in a directory every worker shares:
+# The management API's control file (serve/control_file.py) lives in a directory every worker shares:
 # state_dir, or one made here (writable on a read-only root: /dev/shm or the temp dir) and removed
 # when the master exits. It is read by the app, so it goes through the environment like the metrics'.
 if _server.enable_management and _server.state_dir is None:

@@ -1,38 +1,32 @@
 """Lifecycle: model versions loaded, made default, unloaded and reloaded in every gunicorn worker.
 
-Each worker is its own process with its own copy of the models, so a management call that one
-worker takes must reach the others. They share a control file, `<state_dir>/control.json`:
+Each worker is its own process with its own copy of the models; they share one control file
+(serve/control_file.py) and each reports what it applied (serve/rollout.py). The rules:
 
-    {"generation": 3,
-     "models": {"tiny": {"default": "2",
-                         "versions": {"1": {"checkpoint": "/srv/models/a.pth", "sha256": "9f86…", "loaded": 0},
-                                      "2": {"checkpoint": "/srv/models/b.pth", "sha256": "3b1c…", "loaded": 3}}}}}
+- A management call holds the control file's lock from its read to its write, catches this worker
+  up with the file, then applies the change here first (a new version loaded and warmed on this
+  worker's inference thread). Only if that worked does it write the next generation, with every
+  version's sha256 as loaded here: the other workers load the same bytes or refuse.
+- A call that fails (409, 400, 404) writes nothing, so every worker keeps what it serves.
+- Every worker follows the file on a watcher thread (a stat every POLL_S) and applies a newer
+  generation on its inference thread, between batches, each new version warm before the switch. A
+  model it cannot apply keeps its previous versions: logged, and counted in
+  serve_lifecycle_failures_total. serve_control_generation shows what it applied.
+- A request runs all its images on the version it started with: a switch fails no request and
+  mixes no weights.
+- A worker (re)started later applies the file before it serves (gunicorn's post_worker_init).
+- The worker that took a call answers once every live sibling serves the new generation
+  (SWITCH_WAIT_S at most), saying how many do.
+- Without a state_dir (create_app called directly, not under gunicorn) changes apply to this
+  process only.
+- New versions load only from files under models_dir (default: the config file's directory), after
+  resolving symbolic links; never from a URL.
 
-A management call takes an exclusive lock (flock on control.lock), catches this worker up with the
-file, applies the change here first (loading and warming any new version on this worker's
-inference thread), and only if that worked writes the next generation (a temporary file, then an
-atomic rename), with every version's sha256 as loaded here: the other workers load the same bytes
-or refuse. A failure answers 409 and writes nothing, so every worker keeps what it serves.
-
-Every worker checks the file's stat every POLL_S on a watcher thread; a new generation is applied
-on its inference thread, between batches, each new version loaded and warmed before the switch. A
-worker that fails to apply it (the file changed or vanished since) logs why, counts it in
-serve_lifecycle_failures_total and keeps its previous versions; serve_control_generation shows
-what each worker has applied, and each writes it to `<state_dir>/workers/<pid>` too: the worker
-that took the call answers once every live sibling serves the new generation (SWITCH_WAIT_S at
-most), saying how many do. A request runs all its images on the version it started with, so a
-switch fails no request and mixes no weights. A worker (re)started later applies the file before
-it serves (gunicorn's post_worker_init).
-
-Without a state_dir (create_app called directly, not under gunicorn) the changes apply to this
-process only. New versions load only from files under models_dir (default: the config file's
-directory), after resolving symbolic links; never from a URL.
+For operators: docs/operations-lifecycle.md.
 """
 from __future__ import annotations
 
 import copy
-import fcntl
-import json
 import logging
 import os
 import threading
@@ -46,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.config import VERSION_PATTERN
+from serve.control_file import ControlFile, Entry, State
 from serve.errors import (
     ConfigError,
     InvalidRequestError,
@@ -56,31 +51,11 @@ from serve.errors import (
 )
 from serve.metrics import Metrics
 from serve.model_table import ModelTable, Source, Versions
+from serve.rollout import SWITCH_WAIT_S, Rollout, WorkerReports
 
 log = logging.getLogger(__name__)
 
-CONTROL_FILE = "control.json"
-LOCK_FILE = "control.lock"
 POLL_S = 0.2
-WORKERS_DIR = "workers"
-SWITCH_WAIT_S = 10.0  # how long a management call waits for the other workers to switch
-
-State = dict[str, Any]  # the control file's document
-Entry = dict[str, Any]  # one model's: {"default": ..., "versions": {version: source fields}}
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """How far a change got: the workers serving it (switched), those that could not (failed)."""
-
-    generation: int
-    workers: int
-    switched: int
-    failed: int
-
-    def to_dict(self) -> dict:
-        return {"generation": self.generation, "workers": self.workers, "switched": self.switched,
-                "failed": self.failed}
 
 
 @dataclass(frozen=True)
@@ -126,11 +101,11 @@ class Lifecycle:
     def __init__(self, table: ModelTable, state_dir: Path | None, models_dir: Path | None,
                  metrics: Metrics | None = None):
         self.table = table
-        self.dir = Path(state_dir) if state_dir is not None else None
+        self.control = ControlFile(Path(state_dir)) if state_dir is not None else None
+        self.reports = WorkerReports(Path(state_dir)) if state_dir is not None else None
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.metrics = metrics
         self.applied = 0  # the generation this worker serves
-        self._signature: tuple[int, int, int] | None = None
         self._lock = threading.Lock()  # one change at a time in this process; flock across processes
         self._watcher_pid: int | None = None
 
@@ -144,30 +119,29 @@ class Lifecycle:
 
     def watch(self) -> None:
         """Start this process's watcher thread, unless it runs already (threads don't survive fork)."""
-        if self.dir is None or self._watcher_pid == os.getpid():
+        if self.control is None or self._watcher_pid == os.getpid():
             return
         self._watcher_pid = os.getpid()
         threading.Thread(target=self._follow, name="lifecycle", daemon=True).start()
 
     def _follow(self) -> None:
-        while not self.table.closed:
+        assert self.control is not None
+        while not self._closed():
             try:
                 self.sync()
             except Exception:  # the watcher must outlive any one bad read
-                log.exception("lifecycle: following %s failed", self._path())
+                log.exception("lifecycle: following %s failed", self.control.path)
             time.sleep(POLL_S)
 
     def sync(self) -> None:
         """Apply the control file if it changed since it was last read and names a newer generation."""
-        if self.dir is None:
+        if self.control is None:
             return
         with self._lock:  # a change in progress here finishes first
-            signature = _signature(self._path())
-            if signature is None or signature == self._signature:
+            if not self.control.changed():  # read once per change: a broken file is reported once
                 return
-            self._signature = signature  # read once per change: a broken file is reported once
             try:
-                state = self._read()
+                state = self.control.read()
             except ReloadFailedError as exc:
                 log.error("lifecycle: %s; still serving generation %d", exc.message, self.applied)
                 return
@@ -178,16 +152,15 @@ class Lifecycle:
         """Make this worker serve what `state` says; a model that fails keeps its versions."""
         failed = []
         for name, entry in state["models"].items():
-            if name not in self.table.models:
+            if self._serving(name) is None:
                 continue
             try:
-                wanted = {v: Source(**fields) for v, fields in entry["versions"].items()}
-                self.table.apply(name, wanted, entry["default"])
+                self._install(name, entry)
             except (ServeError, TypeError, KeyError) as exc:
                 message = exc.message if isinstance(exc, ServeError) else f"malformed entry: {exc!r:.200}"
+                serving = self._serving(name)
                 log.error("lifecycle: generation %d: model '%s': %s; still serving versions %s (default %s)",
-                          state["generation"], name, message, sorted(self.table.models[name].versions),
-                          self.table.models[name].default)
+                          state["generation"], name, message, sorted(serving.versions), serving.default)
                 if self.metrics is not None:
                     self.metrics.lifecycle_failures.labels(name).inc()
                 failed.append(name)
@@ -200,48 +173,20 @@ class Lifecycle:
             self.metrics.control_generation.set(generation)
         self._report(failed or [])
 
-    # --- what each worker reports: <state_dir>/workers/<pid> -----------------------------------------
+    # --- what each worker reports (serve/rollout.py) -------------------------------------------------
 
     def _report(self, failed: list[str]) -> None:
-        """Tell the worker that takes the next call which generation this one serves, and what failed."""
-        if self.dir is None:
-            return
-        folder = self.dir / WORKERS_DIR
-        folder.mkdir(exist_ok=True)
-        temporary = folder / f".{os.getpid()}.tmp"
-        temporary.write_text(json.dumps({"generation": self.applied, "failed": failed}))
-        os.replace(temporary, folder / str(os.getpid()))
-
-    def _siblings(self) -> dict[int, dict]:
-        """What the other live workers of this server last reported (a dead one's report is removed)."""
-        found: dict[int, dict] = {}
-        for path in (self.dir / WORKERS_DIR).glob("[0-9]*") if self.dir is not None else ():
-            pid = int(path.name)
-            if pid == os.getpid():
-                continue
-            if not _is_sibling(pid):
-                path.unlink(missing_ok=True)
-                continue
-            try:
-                found[pid] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                found[pid] = {"generation": -1, "failed": []}
-        return found
+        if self.reports is not None:
+            self.reports.write(self.applied, failed)
 
     def _await_workers(self, generation: int, name: str) -> Rollout:
         """Wait (SWITCH_WAIT_S at most) until every other worker has applied `generation`."""
-        deadline = time.monotonic() + SWITCH_WAIT_S
-        while True:
-            others = self._siblings()
-            done = {pid: r for pid, r in others.items() if r.get("generation", -1) >= generation}
-            if len(done) == len(others) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        failed = sum(1 for r in done.values() if name in r.get("failed", []))
-        rollout = Rollout(generation, workers=len(others) + 1, switched=len(done) + 1 - failed, failed=failed)
+        if self.reports is None:
+            return Rollout.alone(generation)
+        rollout = self.reports.await_generation(generation, name)
         if rollout.switched < rollout.workers:
             log.warning("lifecycle: generation %d: %d of %d workers serve it after %gs (%d could not apply it)",
-                        generation, rollout.switched, rollout.workers, SWITCH_WAIT_S, failed)
+                        generation, rollout.switched, rollout.workers, SWITCH_WAIT_S, rollout.failed)
         return rollout
 
     # --- management calls ----------------------------------------------------------------------------
@@ -300,34 +245,36 @@ class Lifecycle:
         return self._change(name, edit, "reload failed, still serving the previous weights")
 
     def _change(self, name: str, edit: Callable[[Entry, int], Entry], failure: str) -> Change:
-        self.table.versions(name)  # ModelNotFoundError first
+        self._versions(name)  # ModelNotFoundError first
         with self._exclusive():
-            state = self._read() if self.dir is not None else None
+            state = self.control.read() if self.control is not None else None
             if state is not None and state["generation"] > self.applied:
                 self._apply(state)  # catch up: the change builds on what every worker serves
             state = state or {"generation": self.applied, "models": {}}
             generation = state["generation"] + 1
             entry = edit(copy.deepcopy(state["models"].get(name) or self.entry(name)), generation)
-            wanted = {v: Source(**fields) for v, fields in entry["versions"].items()}
             try:
-                model = self.table.apply(name, wanted, entry["default"])
+                model = self._install(name, entry)
             except ServeError as exc:
                 raise ReloadFailedError(f"{failure}: {exc.message}") from None
             state["models"][name] = self.entry(name)  # each version's sha256 as loaded here: the others must match
             state["generation"] = generation
-            if self.dir is not None:
-                self._write(state)
+            if self.control is not None:
+                self.control.write(state)
             self._applied(generation)
         log.info("lifecycle: generation %d: model '%s' serves versions %s, default %s", generation, name,
                  sorted(model.versions), model.default)
         return Change(model, self._await_workers(generation, name))
 
-    def entry(self, name: str) -> Entry:
-        """What this worker serves for a model, as a control file entry."""
-        model = self.table.versions(name)
-        return {"default": model.default, "versions": {
-            v: {"checkpoint": s.source.checkpoint, "sha256": s.predictor.loaded.sha256, "loaded": s.source.loaded}
-            for v, s in model.versions.items()}}
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One change at a time: in this process (a thread lock), and across workers (the file's flock)."""
+        with self._lock:
+            if self.control is None:
+                yield
+                return
+            with self.control.locked():
+                yield
 
     @staticmethod
     def _known(name: str, entry: Entry, version: str) -> None:
@@ -350,65 +297,31 @@ class Lifecycle:
             raise InvalidRequestError(f"checkpoint '{given[:200]}' is outside models_dir ({self.models_dir})")
         return resolved
 
-    # --- the file --------------------------------------------------------------------------------
+    # --- the model table: every call into it is one of these -----------------------------------------
 
-    def _path(self) -> Path:
-        assert self.dir is not None
-        return self.dir / CONTROL_FILE
+    def _closed(self) -> bool:
+        """Whether the model table has shut down (the watcher stops)."""
+        return self.table.closed
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        with self._lock:
-            if self.dir is None:
-                yield
-                return
-            with open(self.dir / LOCK_FILE, "a+") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+    def _serving(self, name: str) -> Versions | None:
+        """What this worker serves for a model now; None for a model it doesn't serve."""
+        return self.table.models.get(name)
 
-    def _read(self) -> State | None:
-        """The control file's document; None when there is none yet.
+    def _versions(self, name: str) -> Versions:
+        """Raises: ModelNotFoundError: no such model."""
+        return self.table.versions(name)
 
-        Raises: ReloadFailedError: it doesn't parse (only this server writes it).
+    def entry(self, name: str) -> Entry:
+        """What this worker serves for a model, as a control file entry."""
+        model = self._versions(name)
+        return {"default": model.default, "versions": {
+            v: {"checkpoint": s.source.checkpoint, "sha256": s.sha256, "loaded": s.source.loaded}
+            for v, s in model.versions.items()}}
+
+    def _install(self, name: str, entry: Entry) -> Versions:
+        """Make a control file entry what this worker serves, loading and warming on its inference thread.
+
+        Raises: ServeError (nothing changed); TypeError, KeyError: a malformed entry.
         """
-        try:
-            text = self._path().read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        try:
-            state = json.loads(text)
-            if not isinstance(state.get("generation"), int) or not isinstance(state.get("models"), dict):
-                raise ValueError("needs 'generation' and 'models'")
-        except (ValueError, AttributeError) as exc:
-            raise ReloadFailedError(f"control file {self._path()} is unreadable ({exc}); nothing changed") from None
-        return state
-
-    def _write(self, state: State) -> None:
-        """Atomically: a reader sees the old document or the new one, never half of it."""
-        path = self._path()
-        temporary = path.with_name(f".{CONTROL_FILE}.{os.getpid()}")
-        with open(temporary, "w", encoding="utf-8") as out:
-            json.dump(state, out, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-
-
-def _is_sibling(pid: int) -> bool:
-    """Whether `pid` is alive and another worker of this gunicorn master (its parent is ours)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return int(stat.rsplit(")", 1)[1].split()[1]) == os.getppid()
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
+        wanted = {v: Source(**fields) for v, fields in entry["versions"].items()}
+        return self.table.apply(name, wanted, entry["default"])

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Source:
-    """Where a served version's weights come from, as the control file names them (serve/lifecycle.py)."""
+    """Where a served version's weights come from, as the control file names them (serve/control_file.py)."""
 
     checkpoint: str
     sha256: str | None = None  # pinned: a file that no longer has it is refused
