@@ -127,13 +127,8 @@ class Resends:
     """Clients that resend a refused request before the Retry-After they were given: each such refusal
     on the same connection (peer address and port) is held hold_s times the refusals in a row, 1 s at
     most, before it is answered. A first refusal, or one after the client waited as asked, is answered
-    at once.
-
-    Why: wrk's clients resend a refused request at once, and resnet18 (2 workers on 2 cores) then spent
-    its CPU refusing: at 16 clients 25-27 req/s served with 4,500-6,000 refusals in 5 s, at 64 clients
-    15-17 with 9,400-9,800, against 42-44 at 16 when nothing was refused (max_queue_wait_ms 1000).
-    Held 20 ms x the refusals in a row: 51 req/s with 84-131 refused at 16 clients, 43 with 1,300
-    at 64 (two rounds each, one run).
+    at once. Why: clients that resend at once (wrk's do) would otherwise have the workers spend their
+    CPU refusing (docs/performance.md has the figures).
     """
 
     MAX_PEERS = 4096

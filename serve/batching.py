@@ -37,7 +37,7 @@ class Batcher:
     A batch starts as soon as one item is queued and waits at most its lane's delay for more (0 takes
     only what is already queued), up to max_batch_size. Every piece of torch work in the process runs
     on this thread: GNU OpenMP keeps one thread team per calling thread, and once several teams exist
-    it stops spin-waiting, which made each forward ~50% slower here. The thread is restarted in a
+    it stops spin-waiting, which makes every forward slower (docs/performance.md). The thread is restarted in a
     forked child (threads don't survive fork), so a Batcher made before gunicorn forks serves in
     every worker.
     """

@@ -18,9 +18,7 @@ log = logging.getLogger(__name__)
 
 # A batch expected to take less than this on one thread (batch size x the batch-1 forward timed at
 # warm-up) runs single-threaded: a second thread gains it little and costs a core of OpenMP
-# spin-waiting after every batch. Measured on the tiny CNN (0.22 ms at 1 thread, 0.17 ms at 2) with
-# 2 workers at c=16: 697 req/s and 2.8 ms CPU per request with the core share, 986 req/s and 1.9 ms
-# with this rule. EfficientNet-Lite0 (about 25 ms) keeps every core for a lone request.
+# spin-waiting after every batch (docs/performance.md has the figures).
 SMALL_FORWARD_MS = 2.0
 
 
@@ -74,10 +72,9 @@ class HostLoad:
     every `interval_s` by a daemon thread and averaged over the last `window` samples.
 
     Why: GNU OpenMP's threads meet at a barrier after every parallel op, so a 2-thread eager forward
-    beside two CPU-bound processes on 2 cores waits at each op for whichever thread is descheduled:
-    EfficientNet-Lite0 took 81 ms on 2 threads against 43 ms on 1 (16.8 ms quiet), and a server at the
-    default 2 threads answered a lone request in 159 ms p50, 2.3 s p90, against 75 ms pinned to one
-    thread, in one run here. ONNX Runtime picks its session by the same share (serve/runtimes/onnx.py).
+    beside CPU-bound processes waits at each op for whichever thread is descheduled, and takes several
+    times longer than on one thread (docs/performance.md). ONNX Runtime picks its session by the same
+    share (serve/runtimes/onnx.py).
     """
 
     def __init__(self, cpus: set[int] | None = None, root: int | None = None, interval_s: float = 0.25,

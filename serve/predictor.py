@@ -180,9 +180,8 @@ class Predictor:
     def single_threaded(self, batch_size: int) -> bool:
         """Whether torch runs this CPU batch on one thread: a batch too small for a second thread to pay
         for OpenMP's spin-waiting (serve/cores.py), or any batch another runtime forwards. ONNX Runtime
-        has its own thread pool, and torch's part (normalizing, softmax) is too small to share: with
-        torch at 2 threads around it, a lone EfficientNet-Lite0 request took 13.3 ms p50 against 9.8 ms
-        at 1 (the same run, 2 cores, c=1)."""
+        has its own thread pool, and torch's part (normalizing, softmax) is too small to gain from a
+        second thread (docs/performance.md)."""
         if self.runtime is not self.eager:
             return True
         return self.forward_ms is not None and self.forward_ms * batch_size < SMALL_FORWARD_MS
