@@ -8,7 +8,7 @@ from types import MappingProxyType
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from serve.access import note
+from serve.response_notes import note
 from serve.wire import drain_after
 
 log = logging.getLogger(__name__)

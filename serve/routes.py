@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from serve.access import note
+from serve.response_notes import note
 from serve.errors import InvalidRequestError, NotReadyError
 from serve.http_io import VERSION_HEADER, client_of, client_timeout, read_images
 from serve.lifecycle import Change, Lifecycle, parse_new_version

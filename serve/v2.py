@@ -61,7 +61,7 @@ from werkzeug.exceptions import (
     RequestEntityTooLarge,
 )
 
-from serve.access import note
+from serve.response_notes import note
 from serve.admission import v2_timeout_s
 from serve.errors import (
     InvalidRequestError,
