@@ -30,6 +30,7 @@ from serve.errors import CheckpointError, ConfigError
 from serve.formats import exported, safe_globals, torchscript
 from serve.formats.packaged import Implied, Opened
 from serve.loader import _first_line, build_module, find_state_dict, load_weights, read_checkpoint
+from serve.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ HANDLERS = {
 
 
 def task_for(handler: str) -> str:
-    from serve.tasks import TASKS
-
     return next(name for name, task in TASKS.items() if task.torchserve_handler == handler)
 
 
