@@ -49,7 +49,7 @@ def model_table(workdir: Path) -> dict[str, dict]:
     import torch
 
     from serve.config import load_config
-    from serve.loader import build_module
+    from serve.formats.state_dict import build_module
 
     default = load_config(ROOT / "models" / "models.yaml", env={}).models[0]
     models = {

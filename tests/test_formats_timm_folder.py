@@ -15,7 +15,8 @@ from timm.data import create_transform, resolve_data_config
 from serve.cli import main
 from serve.config import build_config
 from serve.errors import CheckpointError, ConfigError
-from serve.loader import build_module, load_model
+from serve.formats.state_dict import build_module
+from serve.loader import load_model
 from serve.preprocess import PreprocessSpec, build_normalizer, build_transform, decode_image, draft_side
 
 ARCH = "test_resnet"
