@@ -1,5 +1,4 @@
-"""What the readers of self-contained checkpoints share: the formats' names, and Opened and Implied,
-what a reader hands the loader."""
+"""What the self-contained formats' readers share: the format names, and Opened and Implied (what a reader returns)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

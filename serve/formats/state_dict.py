@@ -1,5 +1,4 @@
-"""State_dict checkpoints: reading a file without running pickled code (weights_only, safe globals,
-safetensors), finding the weights inside it, building the module and loading the weights into it."""
+"""State_dict checkpoints: read without running pickled code, the weights found, the module built, the weights loaded."""
 from __future__ import annotations
 
 import logging
