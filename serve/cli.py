@@ -16,9 +16,10 @@ from serve.errors import CheckpointError, InvalidRequestError, ServeError
 from serve.formats.entry import suggest_entry
 from serve.formats.packaged import describe
 from serve.formats.safe_globals import resolve_safe_globals
+from serve.formats.state_dict import find_state_dict, is_state_dict, read_checkpoint, weights_path
 from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
-from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint, weights_path
+from serve.loader import file_sha256
 from serve.service import Call, Inputs, PredictionService
 
 

@@ -21,6 +21,8 @@ from pydantic import (
 
 from serve.errors import ConfigError
 from serve.formats.timm_folder import folder_fields, is_model_folder
+from serve.preprocess import PreprocessSpec
+from serve.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
@@ -32,39 +34,6 @@ DEFAULT_VERSION = "1"  # the version of a model configured without `versions`
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PreprocessSpec(_Frozen):
-    """How an uploaded image becomes the model's input tensor."""
-
-    resize: int = Field(256, gt=0, description="shorter side after resizing, in pixels")
-    crop: int = Field(224, gt=0, description="side of the centre crop, in pixels")
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    mode: Literal["RGB", "L"] = "RGB"
-    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] = "bilinear"
-    # How a timm eval transform crops (timm folders set these; see serve/formats/timm_folder.py).
-    crop_mode: Literal["center", "squash", "border"] = Field(
-        "center", description="center: shorter side to resize, centre crop; squash: both sides to resize; "
-        "border: longer side to resize, padded with the mean colour")
-    exact: bool = Field(
-        False, description="the same pixels as torchvision's Resize + CenterCrop (timm's eval transform): "
-        "no reduced-scale JPEG decoding, one resampling pass; slower on large photos")
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.mode == "RGB" else 1
-
-    @model_validator(mode="after")
-    def _check(self) -> PreprocessSpec:
-        if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
-        for field in ("mean", "std"):
-            if len(getattr(self, field)) != self.channels:
-                raise ValueError(f"{field} needs {self.channels} values for mode {self.mode}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
-        return self
 
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
@@ -134,8 +103,6 @@ class ModelSpec(_Frozen):
     @classmethod
     def _task_options(cls, data: Any) -> Any:
         """Move the mapping named after the task into task_options, validated by the task's Options."""
-        from serve.tasks import TASKS
-
         if not isinstance(data, dict):
             return data
         data = dict(data)

@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from serve.errors import CheckpointError, InvalidRequestError
+from serve.preprocess import build_normalizer, draft_side
 
 Forward = Callable[[Any], Any]
 
@@ -76,8 +77,6 @@ class Task:
     torchserve_handler: ClassVar[str | None] = None
 
     def __init__(self, spec, labels: tuple[str, ...] | None, device: torch.device):
-        from serve.preprocess import build_normalizer
-
         self.spec = spec
         self.options = spec.task_options
         self.labels = labels
@@ -122,8 +121,6 @@ class Task:
 
     def decode_sides(self) -> dict[str, int | None]:
         """open_image's reduced-scale JPEG hints: the shorter side needed (min_side), the longer side cap (max_side)."""
-        from serve.preprocess import draft_side
-
         return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:

@@ -10,6 +10,7 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
+from serve.preprocess import build_transform
 from serve.tasks.base import Options, Prepared, Result, Task, V2Output, parse_number
 
 
@@ -40,8 +41,6 @@ class Classify(Task):
 
     def __init__(self, spec, labels, device):
         super().__init__(spec, labels, device)
-        from serve.preprocess import build_transform
-
         self.transform = build_transform(spec.preprocess)
         self.num_classes: int | None = None
 

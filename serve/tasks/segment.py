@@ -18,6 +18,7 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
+from serve.preprocess import draft_side
 from serve.tasks.base import Options, Prepared, Result, Task, V2Output, padded_tensor
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -90,8 +91,6 @@ class Segment(Task):
         return f"segment, {self.num_classes} classes"
 
     def decode_sides(self) -> dict[str, int | None]:
-        from serve.preprocess import draft_side
-
         return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
