@@ -116,7 +116,7 @@ class Predictor:
         else:
             try:
                 self.runtime = build_onnx_runtime(
-                    self.module, sample, rule=self.task.runtime_rule, dynamic_hw=not self.task.fixed_size,
+                    self.module, sample, verify=self.task.verify_runtime, dynamic_hw=not self.task.fixed_size,
                     cache_dir=self.onnx_cache_dir, device=self.loaded.device,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold
                     cache_key_parts={"sha256": self.loaded.sha256, "architecture": spec.architecture,
