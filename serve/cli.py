@@ -20,6 +20,7 @@ from serve.formats.state_dict import find_state_dict, is_state_dict, read_checkp
 from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
 from serve.loader import file_sha256
+from serve.runtimes.onnx import open_onnx_file
 from serve.service import Call, Inputs, PredictionService
 
 
@@ -129,8 +130,6 @@ def packaged_entry(path: Path, described: dict[str, str]) -> list[str]:
 def _inspect_onnx(path: Path, as_config: bool) -> int:
     """An ONNX model's inputs, outputs, opset and external data files (read by onnx, nothing run)."""
     import onnx
-
-    from serve.runtimes.onnx import open_onnx_file
 
     try:
         open_onnx_file(path)  # the same checks as serving it: one input, external data inside its folder

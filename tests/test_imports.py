@@ -18,14 +18,6 @@ LATE_IMPORTS = {
         "prometheus_client picks its multiprocess mode when first imported, so it must load after this "
         "file sets PROMETHEUS_MULTIPROC_DIR (test_gunicorn_conf_leaves_prometheus_unimported)"
     ),
-    ("serve.cli", "serve.runtimes.onnx"): (
-        "not a circle (serve.runtimes.onnx imports neither serve.cli nor anything that does); serve/cli.py "
-        "is another change's file, where it can move to the top"
-    ),
-    ("serve.predictor", "serve.runtimes.onnx"): (
-        "not a circle (serve.runtimes.onnx imports neither serve.predictor nor anything that does); "
-        "serve/predictor.py is another change's file, where it can move to the top"
-    ),
 }
 # Modules that run a program when imported: their imports are checked, importing them is not.
 ENTRY_POINTS = {"serve.__main__": "python -m serve: importing it runs the command line"}
