@@ -134,6 +134,11 @@ server:
   `off` keeps no cache (the export runs at every start).
 - `workers` unset is one per core when the models are preloaded (the CPU default), otherwise one per visible
   GPU, at least 1. `state_dir` unset is a new directory under `/dev/shm` (else the temp dir), removed at exit.
+- `enable_management: true` serves the whole management API: load, set-default, unload and reload model
+  versions in every worker ([operations.md](operations.md#rolling-out-a-version-and-rolling-back)); a
+  `state_dir` that outlives the server keeps those changes across restarts.
+- `api_keys` (`SERVE_API_KEYS`, the keys document as JSON or YAML text) and `api_keys_file` exclude each
+  other; `tls_cert_file` and `tls_key_file` go together, and `tls_ca_file` needs them.
 - **A bad config stops the server** with a message naming the model and the field, e.g.
   `invalid config: model 'tiny': field 'topk': Input should be greater than 0 (got 0)`. A model's output
   must also fit its task, or start-up stops naming the model, the task and the shape.
