@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serve.config import load_config
+from serve.config import load_config, load_server_settings
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
 from serve.formats.entry import suggest_entry
 from serve.formats.packaged import describe
@@ -22,13 +22,19 @@ from serve.formats.training import ema_entry
 from serve.loader import file_sha256
 from serve.runtimes.onnx import open_onnx_file
 from serve.service import Call, Inputs, PredictionService
+from serve.sources.address import is_remote
+from serve.sources.resolver import Resolver
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print a checkpoint's layout and every key with its shape")
-    inspect.add_argument("checkpoint", type=Path)
+    inspect.add_argument("checkpoint", help="a file or model folder, or a remote source (s3://, hf://, https://)")
+    inspect.add_argument("--sha256", help="a remote source's pinned digest (required for https://)")
+    inspect.add_argument("--settings", type=Path, metavar="CONFIG",
+                         help="the config whose server section fetches a remote source (allowed_sources, cache, "
+                         "S3, Hub); default: SERVE_CONFIG or models/models.yaml, with SERVE_* overrides")
     inspect.add_argument("--key", help="the state_dict_key to use, as in the config")
     inspect.add_argument("--trust-pickle", action="store_true", help="allow a whole-model pickle (runs its code)")
     inspect.add_argument("--safe-global", action="append", default=[], metavar="MODULE:CLASS",
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    folder: Path = args.checkpoint.resolve()
+    folder: Path = local_checkpoint(args.checkpoint, args.sha256, args.settings).resolve()
     if folder.suffix.lower() == ".onnx":
         return _inspect_onnx(folder, args.config)
     described = describe(folder) if folder.is_file() else None  # a packaged model: none of its code runs
@@ -102,6 +108,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     print()
     _print_tensors(weights)
     return 0
+
+
+def local_checkpoint(given: str, sha256: str | None = None, settings: Path | None = None) -> Path:
+    """The checkpoint as a local path: a remote source is fetched (or found in the source cache) with the
+    server settings of `settings` (or the default config) and SERVE_* overrides.
+
+    Raises: ConfigError, CheckpointError: as the server would refuse the source.
+    """
+    if not is_remote(given):
+        return Path(given)
+    return Resolver(load_server_settings(settings).sources).resolve(given, sha256)
 
 
 def packaged_entry(path: Path, described: dict[str, str]) -> list[str]:

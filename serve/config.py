@@ -19,9 +19,12 @@ from pydantic import (
     model_validator,
 )
 
-from serve.errors import ConfigError
+from serve.errors import ConfigError, ServeError
 from serve.formats.timm_folder import folder_fields, is_model_folder
 from serve.preprocess import PreprocessSpec
+from serve.sources.address import is_remote
+from serve.sources.allow import check_pattern
+from serve.sources.resolver import Resolver, SourceSettings
 from serve.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +42,24 @@ class _Frozen(BaseModel):
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
 
 
+def _local_checkpoint(value: Any) -> Any:
+    """A remote source reaches a spec only as the local path build_config fetched it to."""
+    if is_remote(value):
+        raise ValueError(f"'{value[:200]}' is a remote source: build_config / load_config fetch it (the "
+                         "server's allowed_sources and source cache apply), a spec holds the local path")
+    return value
+
+
 class VersionSpec(_Frozen):
     """One version of a model: its own checkpoint, and the fields that may differ between versions."""
 
     version: str = Field(pattern=VERSION_PATTERN)
     checkpoint: Path
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _local(cls, value: Any) -> Any:
+        return _local_checkpoint(value)
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     state_dict_key: str | None = None
     weights: Literal["default", "ema"] | None = None
@@ -61,7 +77,14 @@ class ModelSpec(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
     architecture: str | None = None  # None: the checkpoint must carry its model (checked when loading)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Path
+    checkpoint: Path = Field(description=(
+        "`.pth`/`.pt`/`.tar`/`.ckpt`/`.safetensors`, a TorchScript file, a torch.export program (`.pt2`), an "
+        "`.onnx` file, a TorchServe archive (`.mar`), or a timm / Hugging Face model folder (`config.json` + "
+        "`model.safetensors` or `pytorch_model.bin`, which then supplies `architecture`, `kwargs`, `labels` and "
+        "`preprocess`); relative to the config file, or `package://pkg/path/in/pkg`, or a remote source fetched "
+        "into `source_cache_dir` when it matches `allowed_sources`: `s3://bucket/key`, "
+        "`hf://org/repo[@revision][/path]` (no path: the model folder), `https://host/path` (with `sha256`). "
+        "May be left out when `versions` lists the checkpoints (see [checkpoints.md](checkpoints.md))"))
     state_dict_key: str | None = None
     strict: bool = True
     trust_pickle: bool = False
@@ -98,6 +121,11 @@ class ModelSpec(_Frozen):
     versions: tuple[VersionSpec, ...] = Field((), description="versions served under /predictions/<name>/<version>")
     default_version: str | None = Field(None, pattern=VERSION_PATTERN,
                                         description="the version answering /predictions/<name>; default: the last listed")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _local(cls, value: Any) -> Any:
+        return _local_checkpoint(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -203,6 +231,55 @@ class ServerSettings(_Frozen):
         None, description="where the workers share the management control file; gunicorn makes one if unset")
     models_dir: Path | None = Field(
         None, description="new versions load only from files under it; default: the config file's directory")
+    # Remote checkpoint sources (docs/checkpoints.md#remote-sources, serve/sources/): fetched once per
+    # machine into a content-addressed cache, by the process that builds the config (gunicorn's master).
+    allowed_sources: tuple[str, ...] = Field(
+        (), description="the remote checkpoints that may be fetched: source prefixes or globs (`s3://models/`, "
+        "`hf://my-org/*`, `hf://org/net@<commit>`, `https://files.example.com/weights/`; `*` stays within a path "
+        "segment, `**` crosses them); empty: remote sources are off. SERVE_ALLOWED_SOURCES: comma-separated")
+    source_cache_dir: Path | None = Field(
+        None, description="where fetched checkpoints are kept by content (build_config's default: "
+        "$XDG_CACHE_HOME/torch-serve/sources or ~/.cache/torch-serve/sources); must be writable unless offline")
+    source_cache_max_bytes: int | None = Field(
+        None, gt=0, description="the source cache's size cap: least recently used checkpoints are evicted to stay "
+        "under it (never one being served); none: no cap")
+    offline: bool = Field(False, description="remote sources come from the source cache only; nothing is connected to")
+    source_ca_file: Path | None = Field(
+        None, description="PEM CA bundle trusted for https:// and hf:// downloads and the S3 endpoint; default: "
+        "the system's")
+    s3_endpoint_url: str | None = Field(
+        None, pattern=r"^https?://", description="an S3-compatible store (MinIO, Ceph, R2, ...); default: AWS S3")
+    s3_region: str | None = Field(None, description="default: boto3's (AWS_REGION, ~/.aws/config)")
+    s3_access_key_id: str | None = Field(
+        None, description="with s3_secret_access_key; default: boto3's chain (AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, ~/.aws, an instance or pod role)")
+    s3_secret_access_key: SecretStr | None = None
+    hf_endpoint: str = Field("https://huggingface.co", pattern=r"^https?://[^/?#]+/?$",
+                             description="the Hugging Face Hub (or a mirror) that hf:// sources come from")
+    hf_token: SecretStr | None = Field(None, description="a Hub token, for private and gated repos")
+
+    @field_validator("allowed_sources", mode="before")
+    @classmethod
+    def _split_sources(cls, value: Any) -> Any:
+        if isinstance(value, str):  # SERVE_ALLOWED_SOURCES
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _check_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_pattern(entry) for entry in value)
+
+    @property
+    def sources(self) -> SourceSettings:
+        """What fetching remote checkpoints needs, from these settings."""
+        secret = self.s3_secret_access_key
+        return SourceSettings(
+            cache_dir=self.source_cache_dir or Path.home() / ".cache" / "torch-serve" / "sources",
+            allowed=self.allowed_sources, max_bytes=self.source_cache_max_bytes, offline=self.offline,
+            ca_file=self.source_ca_file, s3_endpoint_url=self.s3_endpoint_url, s3_region=self.s3_region,
+            s3_access_key_id=self.s3_access_key_id, s3_secret_access_key=secret.get_secret_value() if secret else None,
+            hf_endpoint=self.hf_endpoint, hf_token=self.hf_token.get_secret_value() if self.hf_token else None)
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
@@ -212,6 +289,8 @@ class ServerSettings(_Frozen):
             raise ValueError("tls_ca_file (client certificates) needs tls_cert_file and tls_key_file")
         if self.api_keys_file is not None and self.api_keys is not None:
             raise ValueError("set api_keys_file (SERVE_API_KEYS_FILE) or api_keys (SERVE_API_KEYS), not both")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("s3_access_key_id and s3_secret_access_key go together: set both or neither")
         return self
 
 
@@ -267,13 +346,24 @@ SERVER_ENV = {
     "SERVE_SHED_HOLD_MS": "shed_hold_ms",
     "SERVE_STATE_DIR": "state_dir",
     "SERVE_MODELS_DIR": "models_dir",
+    "SERVE_ALLOWED_SOURCES": "allowed_sources",
+    "SERVE_SOURCE_CACHE_DIR": "source_cache_dir",
+    "SERVE_SOURCE_CACHE_MAX_BYTES": "source_cache_max_bytes",
+    "SERVE_OFFLINE": "offline",
+    "SERVE_SOURCE_CA_FILE": "source_ca_file",
+    "SERVE_S3_ENDPOINT_URL": "s3_endpoint_url",
+    "SERVE_S3_REGION": "s3_region",
+    "SERVE_S3_ACCESS_KEY_ID": "s3_access_key_id",
+    "SERVE_S3_SECRET_ACCESS_KEY": "s3_secret_access_key",
+    "SERVE_HF_ENDPOINT": "hf_endpoint",
+    "SERVE_HF_TOKEN": "hf_token",
 }
 # Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
 # are), relative to the working directory when the environment does.
 SERVER_PATH_FIELDS = ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_ca_file", "onnx_cache_dir", "state_dir",
-                      "models_dir")
+                      "models_dir", "source_cache_dir", "source_ca_file")
 # Never echoed in an error message: the value may hold keys.
-SECRET_FIELDS = ("api_keys",)
+SECRET_FIELDS = ("api_keys", "s3_secret_access_key", "hf_token")
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -316,19 +406,11 @@ def build_config(
     env = env or {}
     base = Path(base_dir or Path.cwd())
     data = dict(data)
+    server = _server_section(data.get("server"), base, env)
     raw_models = data.get("models")
     if isinstance(raw_models, list):
-        data["models"] = [_resolve_model(m, i, base, env) for i, m in enumerate(raw_models)]
-    server = dict(data.get("server") or {})
-    off = str(server.get("onnx_cache_dir", "")).lower() == "off"
-    for field in SERVER_PATH_FIELDS:
-        if isinstance(server.get(field), str) and not (off and field == "onnx_cache_dir"):
-            server[field] = (base / Path(server[field]).expanduser()).resolve()
-    server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
-    off = str(server.get("onnx_cache_dir", "")).lower() == "off"
-    if off or server.get("onnx_cache_dir") is None:
-        cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-        server["onnx_cache_dir"] = None if off else cache_home / "torch-serve" / "onnx"
+        fetch = _Fetch(server)
+        data["models"] = [_resolve_model(m, i, base, env, fetch) for i, m in enumerate(raw_models)]
     data["server"] = server
     data["source"] = source
     try:
@@ -337,7 +419,70 @@ def build_config(
         raise ConfigError(_describe(exc, raw_models)) from None
 
 
-def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> Any:
+def load_server_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> ServerSettings:
+    """The server settings alone: the config file's `server` section (if the file exists) and SERVE_*
+    overrides; no model is resolved or fetched (`inspect` of a remote source uses them).
+
+    Raises:
+        ConfigError: the file is not YAML, or the settings fail validation.
+    """
+    env = os.environ if env is None else env
+    path = Path(path) if path is not None else config_path(env)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} can't be read: {exc}") from None
+    section = data.get("server") if isinstance(data, dict) else None
+    return _server_settings(_server_section(section, path.resolve().parent, env))
+
+
+def _server_section(given: Any, base: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """The server mapping: file paths resolved against base, SERVE_* overrides applied, cache defaults."""
+    server = dict(given or {})
+    off = str(server.get("onnx_cache_dir", "")).lower() == "off"
+    for field in SERVER_PATH_FIELDS:
+        if isinstance(server.get(field), str) and not (off and field == "onnx_cache_dir"):
+            server[field] = (base / Path(server[field]).expanduser()).resolve()
+    server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
+    off = str(server.get("onnx_cache_dir", "")).lower() == "off"
+    cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    if off or server.get("onnx_cache_dir") is None:
+        server["onnx_cache_dir"] = None if off else cache_home / "torch-serve" / "onnx"
+    if server.get("source_cache_dir") is None:
+        server["source_cache_dir"] = cache_home / "torch-serve" / "sources"
+    return server
+
+
+def _server_settings(server: Mapping[str, Any]) -> ServerSettings:
+    """Raises: ConfigError: naming the server field that is wrong."""
+    try:
+        return ServerSettings.model_validate(server)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, None, section="server")) from None
+
+
+class _Fetch:
+    """Remote checkpoints -> local paths, with the server settings validated on the first remote one.
+
+    This is where a remote source is fetched: in the process that builds the config (under gunicorn,
+    the master, before any worker forks; each worker then finds it in the cache)."""
+
+    def __init__(self, server: Mapping[str, Any]):
+        self.server = server
+        self.resolver: Resolver | None = None
+
+    def __call__(self, value: str, sha256: Any, model: str, field: str) -> Path:
+        """Raises: ConfigError: naming the model and field (a failed fetch included: start-up stops)."""
+        if self.resolver is None:
+            self.resolver = Resolver(_server_settings(self.server).sources)
+        pinned = sha256 if isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256) else None
+        try:
+            return self.resolver.resolve(value, pinned)
+        except ServeError as exc:
+            raise ConfigError(f"model '{model}': field '{field}': {exc.message}") from None
+
+
+def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str], fetch: _Fetch) -> Any:
     if not isinstance(raw, dict):
         return raw
     model = dict(raw)
@@ -346,26 +491,30 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> 
         model["device"] = env["SERVE_DEVICE"]
     if env.get("SERVE_RUNTIME"):
         model["runtime"] = env["SERVE_RUNTIME"]
-    if isinstance(model.get("checkpoint"), str):
+    if isinstance(model.get("versions"), list):
+        model["versions"] = [_resolve_version(v, base, name, fetch) for v in model["versions"]]
+    if is_remote(model.get("checkpoint")):
+        model["checkpoint"] = fetch(model["checkpoint"], model.get("sha256"), name, "checkpoint")
+    elif isinstance(model.get("checkpoint"), str):
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
-        if is_model_folder(model["checkpoint"]):
-            model = _with_folder_fields(model, name)
+    if isinstance(model.get("checkpoint"), Path) and is_model_folder(model["checkpoint"]):
+        model = _with_folder_fields(model, name)
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
         model["labels"] = _resolve_path(labels, base, name, "labels")
     if isinstance(model.get("default_version"), (int, float)) and not isinstance(model["default_version"], bool):
         model["default_version"] = str(model["default_version"])
-    if isinstance(model.get("versions"), list):
-        model["versions"] = [_resolve_version(v, base, name) for v in model["versions"]]
     return model
 
 
-def _resolve_version(raw: Any, base: Path, model: str) -> Any:
+def _resolve_version(raw: Any, base: Path, model: str, fetch: _Fetch) -> Any:
     if not isinstance(raw, dict):
         return raw
     version = dict(raw)
     if isinstance(version.get("version"), (int, float)) and not isinstance(version.get("version"), bool):
         version["version"] = str(version["version"])  # `version: 2` in YAML means "2"
+    if is_remote(version.get("checkpoint")):
+        version["checkpoint"] = fetch(version["checkpoint"], version.get("sha256"), model, "versions.checkpoint")
     for field in ("checkpoint", "labels"):
         value = version.get(field)
         if isinstance(value, str) and not (field == "labels" and value.startswith(TORCHVISION_LABELS_SCHEME)):
@@ -398,7 +547,9 @@ def _resolve_path(value: str, base: Path, model: str, field: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 
-def _describe(exc: ValidationError, raw_models: Any) -> str:
+def _describe(exc: ValidationError, raw_models: Any, section: str | None = None) -> str:
+    """One line per error, naming the model (or the server) and the field; `where` names what was validated
+    alone (the server section)."""
     lines = []
     errors = exc.errors()
     item_failed = any(len(e["loc"]) >= 2 and e["loc"][0] == "models" for e in errors)
@@ -406,7 +557,7 @@ def _describe(exc: ValidationError, raw_models: Any) -> str:
         loc = list(err["loc"])
         if item_failed and loc == ["models"] and err["type"] == "too_short":
             continue  # only because an invalid model was dropped: its own error says why
-        where = "config"
+        where = section or "config"
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
             index = loc[1]
             raw = raw_models[index] if isinstance(raw_models, list) and index < len(raw_models) else {}

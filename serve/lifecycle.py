@@ -20,7 +20,9 @@ Each worker is its own process with its own copy of the models; they share one c
 - Without a state_dir (create_app called directly, not under gunicorn) changes apply to this
   process only.
 - New versions load only from files under models_dir (default: the config file's directory), after
-  resolving symbolic links; never from a URL.
+  resolving symbolic links, or from a remote source the server's allowed_sources lists (fetched into
+  the source cache by the worker that takes the call; the control file names the cached file, which
+  the other workers on the machine load, pinned by its sha256); never from any other URL.
 
 For operators: docs/operations-lifecycle.md.
 """
@@ -52,6 +54,8 @@ from serve.errors import (
 from serve.metrics import Metrics
 from serve.model_table import ModelTable, Source, Versions
 from serve.rollout import SWITCH_WAIT_S, Rollout, WorkerReports
+from serve.sources.address import is_remote
+from serve.sources.resolver import Resolver
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +199,12 @@ class Lifecycle:
         """Load a new version of a model in every worker (and make it the default if asked).
 
         Raises:
-            ModelNotFoundError, InvalidRequestError (a path outside models_dir), VersionConflictError
-            (the version exists), ReloadFailedError (it doesn't load: nothing changed).
+            ModelNotFoundError, InvalidRequestError (a path outside models_dir, a URL allowed_sources
+            doesn't list), VersionConflictError (the version exists), ReloadFailedError (it doesn't
+            fetch or load: nothing changed).
         """
-        checkpoint = self.checkpoint_path(new.checkpoint)
+        self._versions(name)  # an unknown model: 404 before anything is fetched
+        checkpoint = self.checkpoint_path(new.checkpoint, new.sha256)
 
         def edit(entry: Entry, generation: int) -> Entry:
             if new.version in entry["versions"]:
@@ -282,11 +288,16 @@ class Lifecycle:
             raise ModelNotFoundError(f"model '{name}' has no version '{version[:40]}'; versions: "
                                      f"{sorted(entry['versions'])}")
 
-    def checkpoint_path(self, given: str) -> Path:
-        """A new version's file: under models_dir once symbolic links are resolved; never a URL.
+    def checkpoint_path(self, given: str, sha256: str | None = None) -> Path:
+        """A new version's file: under models_dir once symbolic links are resolved, or a remote source
+        allowed_sources lists, fetched into the source cache.
 
-        Raises: InvalidRequestError: a URL, no models_dir, or a path outside it.
+        Raises:
+            InvalidRequestError: a URL not allowed (or malformed), no models_dir, or a path outside it.
+            ReloadFailedError: the remote source could not be fetched (or its sha256 differs).
         """
+        if is_remote(given):
+            return self._fetch(given, sha256)
         if "://" in given:
             raise InvalidRequestError("checkpoint must be a path on the server (under models_dir), not a URL")
         if self.models_dir is None:
@@ -296,6 +307,15 @@ class Lifecycle:
         if not resolved.is_relative_to(self.models_dir):
             raise InvalidRequestError(f"checkpoint '{given[:200]}' is outside models_dir ({self.models_dir})")
         return resolved
+
+    def _fetch(self, given: str, sha256: str | None) -> Path:
+        try:
+            return Resolver(self.table.config.server.sources).resolve(given, sha256)
+        except ConfigError as exc:
+            raise InvalidRequestError(f"checkpoint is not a path under models_dir, and not a URL this server may "
+                                      f"fetch: {exc.message}") from None
+        except ServeError as exc:
+            raise ReloadFailedError(f"fetching the checkpoint failed: {exc.message}") from None
 
     # --- the model table: every call into it is one of these -----------------------------------------
 
