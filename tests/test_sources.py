@@ -339,3 +339,213 @@ def test_inspect_takes_a_remote_source(serve_files, ca, tmp_path, capsys):
     assert main(["inspect", url, "--sha256", sha(data), "--settings", str(settings)]) == 0
     out = capsys.readouterr().out
     assert f"sha256:  {sha(data)}" in out and "fc.weight" in out
+
+
+# --- s3:// (moto's S3 server: the real S3 HTTP API, credentials checked) ---------------------------------
+
+
+class S3:
+    """moto's ThreadedMotoServer on 127.0.0.1 with a bucket, and an IAM user whose key may read it.
+    Authentication is on once the fixture has set things up: a wrong key is refused as AWS would."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        iam = self.client("iam", "setup", "setup")
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        self.client("s3", "setup", "setup").create_bucket(Bucket="models")
+        self._auth(0)
+
+    def client(self, service: str, key_id: str | None = None, secret: str | None = None):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=key_id or self.key_id, aws_secret_access_key=secret or self.secret)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client("s3").put_object(Bucket="models", Key=key, Body=data)
+
+    def _auth(self, free_actions: float) -> None:
+        import requests
+
+        requests.post(f"{self.endpoint}/moto-api/reset-auth", data=str(free_actions).encode(), timeout=10).raise_for_status()
+
+    def stop(self) -> None:
+        self._auth(float("inf"))
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("moto.server", reason="moto[server] (requirements-dev.txt) runs the S3 server")
+    server = S3()
+    yield server
+    server.stop()
+
+
+def s3_config(s3: S3, cache: Path, key: str, digest: str | None = None, secret: str | None = None, **server_fields):
+    model = tiny_model_config(f"s3://models/{key}")
+    if digest is not None:
+        model["sha256"] = digest
+    settings = {"allowed_sources": ["s3://models/"], "source_cache_dir": str(cache), "s3_endpoint_url": s3.endpoint,
+                "s3_region": "us-east-1", "s3_access_key_id": s3.key_id,
+                "s3_secret_access_key": secret or s3.secret, **server_fields}
+    return build_config({"models": [model], "server": settings})
+
+
+def test_s3_source_is_served_and_found_again_by_its_etag(s3, tmp_path):
+    data = tiny_bytes()
+    s3.put("served/tiny.pth", data)
+    cache = tmp_path / "cache"
+    config = s3_config(s3, cache, "served/tiny.pth")
+    assert config.models[0].checkpoint == cache / "entries" / sha(data) / "tiny.pth"
+    assert predicted_label(config) == "blue"
+    assert s3_config(s3, cache, "served/tiny.pth").models[0].checkpoint == config.models[0].checkpoint
+    offline = s3_config(s3, cache, "served/tiny.pth", offline=True, s3_endpoint_url="http://127.0.0.1:1")
+    assert offline.models[0].checkpoint == config.models[0].checkpoint  # nothing connected to
+
+
+def test_s3_wrong_credentials_are_refused_with_a_clear_message(s3, tmp_path):
+    s3.put("secret/tiny.pth", tiny_bytes())
+    with pytest.raises(ConfigError) as caught:
+        s3_config(s3, tmp_path / "cache", "secret/tiny.pth", secret="wrong" * 8)
+    assert caught.value.message.startswith(
+        "model 'tiny': field 'checkpoint': 's3://models/secret/tiny.pth': S3 refused access (")
+    assert "wrong credentials, or they may not read this object; the credentials come from server.s3_access_key_id" \
+        in caught.value.message
+    assert "wrong" * 8 not in caught.value.message
+    assert cache_files(tmp_path / "cache") == []
+
+
+def test_a_changed_s3_object_is_detected_by_its_sha256(s3, tmp_path):
+    original, changed = tiny_bytes(), tiny_bytes(0.5)
+    s3.put("changing/tiny.pth", original)
+    warm = tmp_path / "warm"
+    pinned = s3_config(s3, warm, "changing/tiny.pth", sha(original)).models[0].checkpoint
+    s3.put("changing/tiny.pth", changed)
+    # A machine that already holds the pinned bytes keeps serving them, without asking S3.
+    assert s3_config(s3, warm, "changing/tiny.pth", sha(original)).models[0].checkpoint == pinned
+    # A fresh machine downloads the new object and refuses it.
+    with pytest.raises(ConfigError, match=f"sha256 is {sha(changed)}, the config expects {sha(original)}; "
+                                          "nothing was cached"):
+        s3_config(s3, tmp_path / "fresh", "changing/tiny.pth", sha(original))
+    assert cache_files(tmp_path / "fresh") == []
+    # Unpinned, the new ETag means the new object is fetched.
+    assert s3_config(s3, warm, "changing/tiny.pth").models[0].checkpoint.read_bytes() == changed
+
+
+def test_check_takes_an_s3_source(s3, tmp_path, capsys):
+    s3.put("check/tiny.pth", tiny_bytes())
+    model = tiny_model_config("s3://models/check/tiny.pth")
+    path = write_config(tmp_path, [model], allowed_sources=["s3://models/check/"], source_cache_dir=str(tmp_path / "c"),
+                        s3_endpoint_url=s3.endpoint, s3_region="us-east-1", s3_access_key_id=s3.key_id,
+                        s3_secret_access_key=s3.secret)
+    assert main(["check", str(path)]) == 0, capsys.readouterr().err
+
+
+# --- hf:// (a Hugging Face Hub file API on 127.0.0.1) ------------------------------------------------------
+
+
+class Hub:
+    """The Hub's file API for `repos` ({"org/name": {file: bytes}}), each at one commit that "main" names:
+    HEAD/GET /{repo}/resolve/{revision}/{path} (X-Repo-Commit, ETag: the sha256 of an LFS file, as the Hub
+    sends), GET /api/models/{repo}/revision/{revision} (sha and siblings, with their LFS sha256 and size)."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]):
+        self.repos = repos
+        self.commits = {repo: sha(repr(sorted(files.items())).encode())[:40] for repo, files in repos.items()}
+
+    def route(self, method: str, path: str):
+        api = re.fullmatch(r"/api/models/([\w.-]+/[\w.-]+)/revision/([\w.-]+)(\?blobs=true)?", path)
+        if api and self.revision(api.group(1), api.group(2)):
+            repo = api.group(1)
+            siblings = [{"rfilename": name, "size": len(data), **({"lfs": {"sha256": sha(data), "size": len(data)}}
+                                                                  if not name.endswith(".json") else {})}
+                        for name, data in self.repos[repo].items()]
+            return 200, {"Content-Type": "application/json"}, json.dumps(
+                {"id": repo, "sha": self.commits[repo], "siblings": siblings}).encode()
+        resolve = re.fullmatch(r"/([\w.-]+/[\w.-]+)/resolve/([\w.-]+)/(.+)", path)
+        if resolve and self.revision(resolve.group(1), resolve.group(2)) and resolve.group(3) in self.repos[resolve.group(1)]:
+            data = self.repos[resolve.group(1)][resolve.group(3)]
+            return 200, {"X-Repo-Commit": self.commits[resolve.group(1)], "ETag": f'"{sha(data)}"'}, data
+        return None
+
+    def revision(self, repo: str, revision: str) -> bool:
+        return repo in self.repos and revision in ("main", self.commits[repo])
+
+
+def timm_folder_files(tmp_path: Path) -> dict[str, bytes]:
+    from test_formats_timm_folder import save_folder
+
+    folder = tmp_path / "saved"
+    save_folder(folder)
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def hf_config(hub_server: FileServer, cache: Path, model: dict, **server_fields):
+    settings = {"allowed_sources": ["hf://org"], "source_cache_dir": str(cache), "hf_endpoint": hub_server.base,
+                **server_fields}
+    return build_config({"models": [model], "server": settings})
+
+
+def test_hf_model_folder_is_fetched_at_one_commit_and_fills_the_entry(serve_files, tmp_path):
+    files = timm_folder_files(tmp_path)
+    hub = Hub({"org/net": {**files, "README.md": b"# net", "flax_model.msgpack": b"x" * 1000}})
+    server = serve_files(route=hub.route)
+    cache = tmp_path / "cache"
+    config = hf_config(server, cache, {"name": "net", "checkpoint": "hf://org/net", "device": "cpu"})
+    spec = config.models[0]
+    assert spec.architecture == "timm:test_resnet" and spec.labels is not None and len(spec.labels) == 10
+    assert sorted(p.name for p in spec.checkpoint.iterdir()) == ["config.json", "model.safetensors"]
+    commit = hub.commits["org/net"]
+    assert [r[1] for r in server.gets()] == [f"/api/models/org/net/revision/main?blobs=true",
+                                            f"/org/net/resolve/{commit}/config.json",
+                                            f"/org/net/resolve/{commit}/model.safetensors"]
+    from formats_helpers import served
+
+    local = tmp_path / "local"
+    local.mkdir()
+    for name, data in files.items():
+        (local / name).write_bytes(data)
+    photo = [image_bytes((10, 200, 30), size=(40, 30))]
+    entry = {"name": "net", "device": "cpu"}
+    assert served({**entry, "checkpoint": str(spec.checkpoint)}, photo) == served({**entry, "checkpoint": str(local)}, photo)
+    # Found again through the commit the revision names (one API call), and offline through the ref alone.
+    before = len(server.requests)
+    assert hf_config(server, cache, {"name": "net", "checkpoint": "hf://org/net"}).models[0].checkpoint == spec.checkpoint
+    assert len(server.requests) == before + 1
+    offline = hf_config(server, cache, {"name": "net", "checkpoint": "hf://org/net"}, offline=True,
+                        hf_endpoint="http://127.0.0.1:1")
+    assert offline.models[0].checkpoint == spec.checkpoint and len(server.requests) == before + 1
+
+
+def test_hf_file_at_a_pinned_revision_is_served(serve_files, tmp_path):
+    data = tiny_bytes()
+    hub = Hub({"org/tiny": {"weights/tiny.pth": data}})
+    server = serve_files(route=hub.route)
+    commit = hub.commits["org/tiny"]
+    config = hf_config(server, tmp_path / "cache", tiny_model_config(f"hf://org/tiny@{commit}/weights/tiny.pth",
+                                                                     sha256=sha(data)))
+    assert config.models[0].checkpoint.read_bytes() == data and predicted_label(config) == "blue"
+    assert [r[:2] for r in server.requests] == [("HEAD", f"/org/tiny/resolve/{commit}/weights/tiny.pth"),
+                                                ("GET", f"/org/tiny/resolve/{commit}/weights/tiny.pth")]
+
+
+def test_hf_repo_without_a_model_folder_or_file_is_refused(serve_files, tmp_path):
+    server = serve_files(route=Hub({"org/other": {"notes.txt": b"hi"}}).route)
+    with pytest.raises(ConfigError, match="holds no config.json and weights file .*name a file instead"):
+        hf_config(server, tmp_path / "cache", {"name": "x", "checkpoint": "hf://org/other"})
+    with pytest.raises(ConfigError, match=r"HTTP 404 Not Found \(no such file\)"):
+        hf_config(server, tmp_path / "cache", tiny_model_config("hf://org/other/missing.pth"))
+    with pytest.raises(ConfigError, match="'hf://elsewhere/net' is not in allowed_sources"):
+        hf_config(server, tmp_path / "cache", {"name": "x", "checkpoint": "hf://elsewhere/net"})
