@@ -549,3 +549,30 @@ def test_hf_repo_without_a_model_folder_or_file_is_refused(serve_files, tmp_path
         hf_config(server, tmp_path / "cache", tiny_model_config("hf://org/other/missing.pth"))
     with pytest.raises(ConfigError, match="'hf://elsewhere/net' is not in allowed_sources"):
         hf_config(server, tmp_path / "cache", {"name": "x", "checkpoint": "hf://elsewhere/net"})
+
+
+# --- the management API's load call ---------------------------------------------------------------------
+
+
+def test_management_load_fetches_an_allowed_source_and_refuses_others(serve_files, ca, make_app, tiny_checkpoint, tmp_path):
+    data = tiny_bytes(0.5)
+    server = serve_files({"/weights/v2.pth": data}, tls=ca[1])
+    app = make_app(tiny_model_config(tiny_checkpoint), enable_management=True, models_dir=str(tiny_checkpoint.parent),
+                   allowed_sources=[f"{server.base}/weights/"], source_ca_file=str(ca[0].cert),
+                   source_cache_dir=str(tmp_path / "cache"))
+    client = app.test_client()
+    refused = client.post("/models/tiny/versions", json={"version": "2", "checkpoint": f"{server.base}/other/v2.pth",
+                                                          "sha256": sha(data)})
+    assert refused.status_code == 400 and refused.json["error"]["message"] == (
+        f"checkpoint is not a path under models_dir, and not a URL this server may fetch: '{server.base}/other/v2.pth' "
+        f"is not in allowed_sources (allowed: ['{server.base}/weights/'])")
+    assert server.requests == []
+    wrong = client.post("/models/tiny/versions", json={"version": "2", "checkpoint": f"{server.base}/weights/v2.pth",
+                                                        "sha256": "1" * 64})
+    assert wrong.status_code == 409 and "fetching the checkpoint failed" in wrong.json["error"]["message"]
+    loaded = client.post("/models/tiny/versions", json={"version": "2", "checkpoint": f"{server.base}/weights/v2.pth",
+                                                         "sha256": sha(data)})
+    assert loaded.status_code == 201, loaded.json
+    versions = {v["version"]: v for v in client.get("/models/tiny").json["versions"]}
+    assert versions["2"]["sha256"] == sha(data)
+    assert versions["2"]["checkpoint"] == str(tmp_path / "cache" / "entries" / sha(data) / "v2.pth")
