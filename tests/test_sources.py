@@ -576,3 +576,35 @@ def test_management_load_fetches_an_allowed_source_and_refuses_others(serve_file
     versions = {v["version"]: v for v in client.get("/models/tiny").json["versions"]}
     assert versions["2"]["sha256"] == sha(data)
     assert versions["2"]["checkpoint"] == str(tmp_path / "cache" / "entries" / sha(data) / "v2.pth")
+
+
+# --- deploy/k8s: the S3 example, uncommented, is a valid manifest the server reads -------------------------
+
+EXAMPLE_KEYS = ("- name:", "value:", "envFrom:", "- secretRef:", "name:", "mountPath:", "emptyDir:", "sizeLimit:")
+
+
+def uncommented(text: str) -> str:
+    """The manifest with its commented S3 example switched on (the prose around it stays a comment)."""
+    return "\n".join(re.sub(r"^(\s*)# ", r"\1", line) if re.match(r"^\s*# \s*(" + "|".join(map(re.escape, EXAMPLE_KEYS)) + ")", line)
+                     else line for line in text.splitlines())
+
+
+@pytest.mark.parametrize("manifest", ["deployment.yaml", "kserve/inferenceservice.yaml"])
+def test_the_s3_example_in_the_manifests_is_valid_when_switched_on(manifest):
+    import kubernetes_validate
+    import yaml
+    from servers import ROOT
+
+    path = ROOT / "deploy" / "k8s" / manifest
+    doc = yaml.safe_load(uncommented(path.read_text()))
+    pod = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]["predictor"]
+    container = pod["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "torch-serve-s3"}}]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    cache = env["SERVE_SOURCE_CACHE_DIR"]
+    assert cache in {m["mountPath"] for m in container["volumeMounts"]}
+    assert "source-cache" in {v["name"] for v in pod["volumes"]}
+    settings = build_config({"models": [tiny_model_config(Path("x.pth"))]}, env=env).server
+    assert settings.allowed_sources == ("s3://my-models/",) and settings.source_cache_dir == Path(cache)
+    if doc["kind"] == "Deployment":
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
