@@ -253,7 +253,7 @@ class ServerSettings(_Frozen):
     s3_access_key_id: str | None = Field(
         None, description="with s3_secret_access_key; default: boto3's chain (AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY, ~/.aws, an instance or pod role)")
-    s3_secret_access_key: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = Field(None, description="the secret of s3_access_key_id")
     hf_endpoint: str = Field("https://huggingface.co", pattern=r"^https?://[^/?#]+/?$",
                              description="the Hugging Face Hub (or a mirror) that hf:// sources come from")
     hf_token: SecretStr | None = Field(None, description="a Hub token, for private and gated repos")
