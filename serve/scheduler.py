@@ -65,6 +65,10 @@ class Scheduler:
         The thread's time then is no batch's cost."""
         return self.batcher.call(self._between_batches, fn, args).result()
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue fn(*args) for the inference thread between batches; its Future."""
+        return self.batcher.call(self._between_batches, fn, args)
+
     def _between_batches(self, fn: Callable[..., Any], args: tuple) -> Any:
         self._backlog = False
         return fn(*args)
