@@ -125,7 +125,8 @@ class ModelTable:
 
     @property
     def ready(self) -> bool:
-        return bool(self.models)  # each one installed only once warm
+        """Every eager model loaded and warm (lazy ones load on first use)."""
+        return bool(self.wanted) and all(name in self.models for name in self.wanted if not self.is_lazy(name))
 
     @property
     def closed(self) -> bool:

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def rss_bytes() -> int:
-    """This process's resident set size, from /proc/self/statm."""
+    """This process's resident set size, from /proc/self/statm, once freed heap is handed back (so a
+    load's temporary copies don't count in its size)."""
+    trim()
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -47,7 +49,7 @@ class Residency:
 
     def __init__(self, budget: int | None):
         self.budget = budget
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the table holds it around admit(), and a load may finish inside start_load()
         self.sizes: OrderedDict[str, int] = OrderedDict()  # loaded lazy models, least recently used first
         self.pinned: set[str] = set()
         self.in_flight: dict[str, int] = {}
