@@ -195,7 +195,7 @@ class ModelTable:
                     break
                 if not self.is_lazy(name):
                     self.versions(name)  # ModelNotFoundError
-                load = self.residency.start_load(name, lambda: self.scheduler.submit(self._load_lazy, name))
+                load = self.residency.start_load(name, lambda: self.scheduler.load_soon(self._load_lazy, name))
             try:
                 load.result(timeout=max(0.0, deadline.remaining()))
             except FutureTimeout:
@@ -213,8 +213,9 @@ class ModelTable:
         Raises: ModelNotFoundError; ServeError: the lazy model doesn't load.
         """
         if name not in self.models and self.is_lazy(name):
-            wanted, default = self.wanted[name]
-            return self.apply(name, wanted, default)
+            with self.residency.lock:
+                load = self.residency.start_load(name, lambda: self.scheduler.load_soon(self._load_lazy, name))
+            return load.result()
         return self.versions(name)
 
     def record(self, name: str, wanted: Mapping[str, Source], default: str) -> None:
@@ -280,7 +281,7 @@ class ModelTable:
         return self.scheduler.call(self._apply, name, wanted, default)
 
     def _load_lazy(self, name: str) -> Versions:
-        """Load a lazy model on the inference thread, then evict what no longer fits the budget."""
+        """Load a lazy model on the loader thread, then evict what no longer fits the budget."""
         started = time.perf_counter()
         wanted, default = self.wanted[name]
         model = self._apply(name, wanted, default)
@@ -362,7 +363,8 @@ class ModelTable:
         return spec.model_copy(update={"checkpoint": Path(source.checkpoint), "sha256": source.sha256})
 
     def _build(self, spec: ModelSpec, version: str, source: Source) -> Served:
-        """Load and warm up one version, on the inference thread."""
+        """Load and warm up one version: on the inference thread (start-up, management changes), or on
+        the loader thread (a lazy model's first use)."""
         before = rss_bytes()
         loaded = load_model(spec)
         spec = apply_implied(spec, loaded.implied)  # an archive's task, labels, preprocess, where the config is silent

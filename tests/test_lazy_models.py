@@ -145,6 +145,18 @@ def test_concurrent_first_requests_share_one_load_and_a_deadline_passing_gets_50
     assert metric(text, "serve_lazy_loads_total", model="slow") == 1  # the hurried request's load, shared by all 8
 
 
+def test_loaded_models_answer_while_a_lazy_model_loads(tmp_path, make_app, tiny_checkpoint):
+    from conftest import tiny_model_config
+
+    app = make_app(tiny_model_config(tiny_checkpoint), ballast_spec(tmp_path, "slow", 2, kwargs={"load_delay_s": 2.0}))
+    client = app.test_client()
+    assert error(predict(client, "slow", **{"X-Request-Timeout-Ms": "50"}))[:2] == (503, "overloaded")
+    started = time.monotonic()
+    assert predict(client, "tiny").status_code == 200  # the inference thread is free: the load runs beside it
+    assert time.monotonic() - started < 1.0
+    assert [row["state"] for row in client.post("/v2/repository/index").json if row["name"] == "slow"] == ["LOADING"]
+
+
 def test_a_model_larger_than_the_whole_budget_is_refused_clearly(tmp_path, make_app):
     app = make_app(ballast_spec(tmp_path, "big", 0, megabytes=24), model_memory_budget="16MiB")
     client = app.test_client()
