@@ -199,7 +199,7 @@ def _print_tensors(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    service = PredictionService.load(config)
+    service = PredictionService.load(config, include_lazy=True)
     for predictor in service.table.predictors.values():
         meta = predictor.metadata()
         print(
@@ -231,7 +231,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.format == "png" and args.output is None:
         raise InvalidRequestError("--format png needs --output FILE")
     given = {"topk": args.topk, "threshold": args.threshold}
-    service = PredictionService.load(config, names=[name])
+    service = PredictionService.load(config, names=[name], include_lazy=True)
     try:
         answer = service.predict(Call(lambda _served: Inputs([data]), name,
                                       params={k: str(v) for k, v in given.items() if v is not None},

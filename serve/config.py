@@ -121,6 +121,12 @@ class ModelSpec(_Frozen):
     versions: tuple[VersionSpec, ...] = Field((), description="versions served under /predictions/<name>/<version>")
     default_version: str | None = Field(None, pattern=VERSION_PATTERN,
                                         description="the version answering /predictions/<name>; default: the last listed")
+    # Many models in a fixed memory (docs/operations.md, "Many models"): loaded at start or on first use.
+    load: Literal["eager", "lazy"] = Field(
+        "eager", description="eager: loaded and warmed in the master at start (workers share its pages); lazy: "
+        "loaded in each worker by the first request for it, and evicted least recently used first when "
+        "the worker's lazy models pass model_memory_budget")
+    pin: bool = Field(False, description="a lazy model that, once loaded, is never evicted")
 
     @field_validator("checkpoint", mode="before")
     @classmethod
@@ -193,6 +199,26 @@ class ModelSpec(_Frozen):
         return self.model_copy(update={**own, "sha256": entry.sha256})  # the model's sha256 is another file's
 
 
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, total: int | None = None) -> int:
+    """A byte count from '536870912', '512MiB', '2 GB' or '25%' (of `total`, the machine's memory by default).
+
+    Raises: ValueError: none of those forms.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"expected bytes such as 536870912, 512MiB, 2GB or 25%, got {text!r:.40}")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "%":
+        if total is None:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total * number / 100)
+    return int(number * BYTE_UNITS[unit])
+
+
 class ServerSettings(_Frozen):
     """Limits and process settings shared by every model."""
 
@@ -231,6 +257,15 @@ class ServerSettings(_Frozen):
         None, description="where the workers share the management control file; gunicorn makes one if unset")
     models_dir: Path | None = Field(
         None, description="new versions load only from files under it; default: the config file's directory")
+    model_memory_budget: int | None = Field(
+        None, gt=0, description="bytes of lazy models (load: lazy) one worker may hold; past it the least recently "
+        "used unpinned lazy model with no request in flight is evicted. A number of bytes, or with a unit (512MiB, "
+        "2GB) or a share of the machine's memory (25%); None: no limit")
+
+    @field_validator("model_memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
     # Remote checkpoint sources (docs/checkpoints.md#remote-sources, serve/sources/): fetched once per
     # machine into a content-addressed cache, by the process that builds the config (gunicorn's master).
     allowed_sources: tuple[str, ...] = Field(
@@ -241,8 +276,8 @@ class ServerSettings(_Frozen):
         None, description="where fetched checkpoints are kept by content (build_config's default: "
         "$XDG_CACHE_HOME/torch-serve/sources or ~/.cache/torch-serve/sources); must be writable unless offline")
     source_cache_max_bytes: int | None = Field(
-        None, gt=0, description="the source cache's size cap: least recently used checkpoints are evicted to stay "
-        "under it (never one being served); none: no cap")
+        None, gt=0, description="the source cache's size cap, in bytes or with a unit (20GiB): least recently used "
+        "checkpoints are evicted to stay under it (never one being served); none: no cap")
     offline: bool = Field(False, description="remote sources come from the source cache only; nothing is connected to")
     source_ca_file: Path | None = Field(
         None, description="PEM CA bundle trusted for https:// and hf:// downloads and the S3 endpoint; default: "
@@ -257,6 +292,11 @@ class ServerSettings(_Frozen):
     hf_endpoint: str = Field("https://huggingface.co", pattern=r"^https?://[^/?#]+/?$",
                              description="the Hugging Face Hub (or a mirror) that hf:// sources come from")
     hf_token: SecretStr | None = Field(None, description="a Hub token, for private and gated repos")
+
+    @field_validator("source_cache_max_bytes", mode="before")
+    @classmethod
+    def _cache_bytes(cls, value: Any) -> Any:
+        return parse_bytes(value, total=0) if isinstance(value, str) and not value.strip().endswith("%") else value
 
     @field_validator("allowed_sources", mode="before")
     @classmethod
@@ -344,6 +384,7 @@ SERVER_ENV = {
     "SERVE_TLS_MIN_VERSION": "tls_min_version",
     "SERVE_MAX_QUEUE_WAIT_MS": "max_queue_wait_ms",
     "SERVE_SHED_HOLD_MS": "shed_hold_ms",
+    "SERVE_MODEL_MEMORY_BUDGET": "model_memory_budget",
     "SERVE_STATE_DIR": "state_dir",
     "SERVE_MODELS_DIR": "models_dir",
     "SERVE_ALLOWED_SOURCES": "allowed_sources",

@@ -51,6 +51,13 @@ class ExportError(ServeError):
     code = "export_error"
 
 
+class ModelTooLargeError(ServeError):
+    """A lazy model that alone holds more than model_memory_budget: it can't be served within it."""
+
+    status = 507
+    code = "model_too_large"
+
+
 class InvalidRequestError(ServeError):
     status = 400
     code = "invalid_request"

@@ -306,6 +306,7 @@ def test_the_size_cap_refuses_what_cant_fit_and_evicts_the_least_recently_used(s
     with pytest.raises(ConfigError, match=f"is {len(one)} bytes, more than source_cache_max_bytes \\(100\\)"):
         https_config(server, ca[0].cert, cache, "/weights/one.pth", sha(one), source_cache_max_bytes=100)
     cap = len(one) + len(two) // 2  # room for one of them
+    assert build_config({"models": [tiny_model_config(Path("x.pth"))], "server": {"source_cache_max_bytes": "2KiB"}}).server.source_cache_max_bytes == 2048
     https_config(server, ca[0].cert, cache, "/weights/one.pth", sha(one), source_cache_max_bytes=cap)
     https_config(server, ca[0].cert, cache, "/weights/two.pth", sha(two), source_cache_max_bytes=cap)
     assert cache_files(cache) == [f"entries/{sha(two)}/two.pth"]
