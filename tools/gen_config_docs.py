@@ -49,12 +49,6 @@ FALLBACK = {
         "is downloaded). Required for a state_dict; not for a trusted whole-model pickle, a model folder, "
         "TorchScript, a torch.export program, an ONNX file or a TorchServe archive"),
     "ModelSpec.kwargs": "keyword arguments for the architecture callable",
-    "ModelSpec.checkpoint": (
-        "`.pth`/`.pt`/`.tar`/`.ckpt`/`.safetensors`, a TorchScript file, a torch.export program (`.pt2`), an "
-        "`.onnx` file, a TorchServe archive (`.mar`), or a timm / Hugging Face model folder (`config.json` + "
-        "`model.safetensors` or `pytorch_model.bin`, which then supplies `architecture`, `kwargs`, `labels` and "
-        "`preprocess`); relative to the config file, or `package://pkg/path/in/pkg`. May be left out when "
-        "`versions` lists the checkpoints (see [checkpoints.md](checkpoints.md))"),
     "ModelSpec.state_dict_key": (
         "which entry holds the weights; `null` detects: a bare state_dict; else the one tensor dict under a "
         "conventional key (`state_dict`, `model_state_dict`, `model`, `net`, `network`, `weights`); else the only "
