@@ -13,7 +13,7 @@ from serve.response_notes import noted
 
 log = logging.getLogger("serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-PREDICTION_ENDPOINTS = {"serve.predict", "v2.infer"}
+PREDICTION_ENDPOINTS = {"serve.predict", "v2.infer", "v1.predict"}
 
 
 class JsonFormatter(logging.Formatter):

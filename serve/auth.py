@@ -60,6 +60,7 @@ ROUTE_SCOPES: Mapping[str, str | None] = MappingProxyType({
     "serve.describe_model": "inference",
     "serve.openapi": "inference",
     "v2": "inference",  # infer, server and model metadata, model readiness, unknown /v2 paths
+    "v1": "inference",  # KServe V1: model list and readiness, predict, explain
     "management": "management",  # reload, and whatever the management blueprint serves later
 })
 DEFAULT_SCOPE = "management"
@@ -296,7 +297,7 @@ def exposure_warning(server: ServerSettings, hosts: Iterable[str]) -> str | None
     exposed = sorted({h for h in hosts if not is_loopback(h)})
     if not exposed or server.api_keys_file is not None or server.api_keys is not None:
         return None
-    what = ("run predictions (/predictions, /v2/models/<name>/infer), read model metadata (/models, /v2, "
+    what = ("run predictions (/predictions, /v2/models/<name>/infer, /v1/models/<name>:predict, gRPC), read model metadata (/models, /v2, "
             "/openapi.json) and /metrics")
     if server.enable_management:
         what += (", and load, switch, unload and reload models (POST /models/<name>/versions, /reload, ...: "
