@@ -34,7 +34,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from serve.access import note
+from serve.response_notes import note
 from serve.errors import (
     InvalidRequestError,
     ServeError,
