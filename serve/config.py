@@ -234,6 +234,13 @@ class ServerSettings(_Frozen):
         "used unpinned lazy model with no request in flight is evicted. A number of bytes, or with a unit (512MiB, "
         "2GB) or a share of the machine's memory (25%); None: no limit")
 
+    # gRPC (docs/grpc.md): the Open Inference Protocol's GRPCInferenceService and the gRPC health service,
+    # served by every worker on this port (SO_REUSEPORT) beside HTTP. Off unless set; the image sets 8081.
+    grpc_port: int | None = Field(None, ge=0, lt=65536, description="gRPC port (KServe's is 8081); None or 0: off")
+    grpc_max_message_bytes: int = Field(
+        32 * 2**20, ge=4 * 2**20, description="largest gRPC request or answer message (grpcio's own default, 4 MiB, "
+        "is smaller than one phone photo)")
+
     @field_validator("model_memory_budget", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> Any:
@@ -247,6 +254,8 @@ class ServerSettings(_Frozen):
             raise ValueError("tls_ca_file (client certificates) needs tls_cert_file and tls_key_file")
         if self.api_keys_file is not None and self.api_keys is not None:
             raise ValueError("set api_keys_file (SERVE_API_KEYS_FILE) or api_keys (SERVE_API_KEYS), not both")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port {self.grpc_port} is the HTTP port too: give gRPC a port of its own (8081)")
         return self
 
 
@@ -303,6 +312,8 @@ SERVER_ENV = {
     "SERVE_MODEL_MEMORY_BUDGET": "model_memory_budget",
     "SERVE_STATE_DIR": "state_dir",
     "SERVE_MODELS_DIR": "models_dir",
+    "SERVE_GRPC_PORT": "grpc_port",
+    "SERVE_GRPC_MAX_MESSAGE_BYTES": "grpc_max_message_bytes",
 }
 # Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
 # are), relative to the working directory when the environment does.
