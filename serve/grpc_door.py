@@ -177,7 +177,7 @@ class InferenceDoor:
         elapsed = time.perf_counter() - record.started
         status = 200 if error is None else error.status
         if prediction:
-            model = record.model if record.model in self.service.table.models else UNKNOWN_MODEL
+            model = record.model if record.model in self.service.table.wanted else UNKNOWN_MODEL
             self.metrics.observe_request(model, status, elapsed, "grpc")
         if error is not None:
             self.metrics.errors.labels(error.code).inc()
@@ -202,6 +202,10 @@ class InferenceDoor:
         return self.service.table.served(name, version or None)
 
     def model_ready(self, request, context, record) -> pb.ModelReadyResponse:
+        table = self.service.table
+        if table.is_lazy(request.name) and request.name not in table.models:
+            record.model = request.name
+            return pb.ModelReadyResponse(ready=False)  # load: lazy, not loaded now: the first prediction loads it
         self._served(record, request.name, request.version)
         return pb.ModelReadyResponse(ready=True)  # served only once warm
 
@@ -219,9 +223,9 @@ class InferenceDoor:
 
     def repository_index(self, request, context, record) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for name, model in self.service.table.models.items():
-            for version in model.versions:
-                response.models.add(name=name, version=version, state="READY")
+        for row in self.service.table.index():
+            if row["state"] == "READY" or not request.ready:
+                response.models.add(**row)
         return response
 
     # --- inference ------------------------------------------------------------------------------------

@@ -77,12 +77,15 @@ def service() -> PredictionService:
 
 @v1.get("/v1/models")
 def list_models():
-    return _json({"models": list(service().table.models)})
+    return _json({"models": list(service().table.wanted)})
 
 
 @v1.get("/v1/models/<name>")
 def model_ready(name: str):
-    return _json({"name": service().table.served(name).name, "ready": True})  # served only once warm
+    table = service().table
+    if table.is_lazy(name) and name not in table.models:
+        return _json({"name": name, "ready": False})  # load: lazy, not loaded now: the first prediction loads it
+    return _json({"name": table.served(name).name, "ready": True})  # served only once warm
 
 
 @v1.post("/v1/models/<name>:predict")

@@ -48,7 +48,7 @@ def test_models_and_readiness(client):
     assert client.get("/v1/models").json == {"models": ["tiny", "colours"]}
     assert client.get("/v1/models/tiny").json == {"name": "tiny", "ready": True}
     missing = client.get("/v1/models/nope")
-    assert missing.status_code == 404 and missing.json == {"error": "no model named 'nope'; models: ['colours', 'tiny']"}
+    assert missing.status_code == 404 and missing.json == {"error": "no model named 'nope'; models: ['tiny', 'colours']"}
 
 
 @pytest.mark.parametrize("form", [
