@@ -14,6 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SERVE_HOST=0.0.0.0 \
     PORT=8000 \
+    SERVE_GRPC_PORT=8081 \
     PYTHONPATH=/srv/user
 # ONNX exports (runtime: auto) in the writable tmp (compose: a tmpfs, Kubernetes: an emptyDir): made once
 # per container, read by every worker and restart after it.
@@ -35,7 +36,9 @@ COPY serve/ serve/
 COPY models/ models/
 
 USER serve
-EXPOSE 8000
+# 8000: HTTP (REST, V2, KServe V1, /metrics); 8081: gRPC (the Open Inference Protocol and grpc.health.v1;
+# SERVE_GRPC_PORT=0 turns it off).
+EXPOSE 8000 8081
 # With TLS on (SERVE_TLS_CERT_FILE) the probe asks over HTTPS without checking the certificate: it
 # reaches the server's own loopback, and the certificate names the service, not 127.0.0.1. Set TLS
 # through the SERVE_TLS_* variables (not models.yaml) so the probe sees it.

@@ -13,7 +13,7 @@ from serve.response_notes import noted
 
 log = logging.getLogger("serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-PREDICTION_ENDPOINTS = {"serve.predict", "v2.infer"}
+PREDICTION_ENDPOINTS = {"serve.predict", "v2.infer", "v1.predict"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,18 +60,30 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
         notes = noted(response)
         if response.status_code >= 400:
             metrics.errors.labels(notes.get("error_code") or f"http_{response.status_code}").inc()
-        log.info(json.dumps({
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
-            "request_id": request_id,
-            "method": request.method,
-            "path": request.path,
-            "model": model,
-            "status": response.status_code,
-            "latency_ms": round(elapsed * 1000, 2),
-            "batch_size": notes.get("batch_size"),
-            "bytes_in": request.content_length,
-            "remote": request.remote_addr,
-            "key": g.get("api_key_name"),  # the API key's name (serve/auth.py), never the key
-        }))
+        log.info(access_line(request_id, request.method, request.path, model, response.status_code, elapsed,
+                             notes.get("batch_size"), request.content_length, request.remote_addr,
+                             g.get("api_key_name"), "rest"))
         return response
 
+
+
+def access_line(request_id: str, method: str, path: str, model: str | None, status: int, elapsed_s: float,
+                batch_size: int | None, bytes_in: int | None, remote: str | None, key: str | None,
+                protocol: str) -> str:
+    """One request's access-log line, whatever its door: JSON, one object a line. `status` is the HTTP
+    status (gRPC: the one its status code maps from, serve/grpc_door.py); `key` the API key's name
+    (serve/auth.py), never the key."""
+    return json.dumps({
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "model": model,
+        "status": status,
+        "latency_ms": round(elapsed_s * 1000, 2),
+        "batch_size": batch_size,
+        "bytes_in": bytes_in,
+        "remote": remote,
+        "key": key,
+        "protocol": protocol,
+    })

@@ -12,10 +12,11 @@ from serve.config import ServeConfig, build_config, load_config
 from serve.errors import register_error_handlers
 from serve.lifecycle import Lifecycle, check_state_dir
 from serve.metrics import Metrics
-from serve.openapi import build_openapi, v2_paths
+from serve.openapi import build_openapi, v1_paths, v2_paths
 from serve.page import page
 from serve.routes import bp, management
 from serve.service import PredictionService
+from serve.v1 import v1
 from serve.v2 import v2
 
 
@@ -47,10 +48,12 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     lifecycle = Lifecycle(service.table, config.server.state_dir, models_dir, metrics)
     lifecycle.sync()
     app.extensions["serve.lifecycle"] = lifecycle
-    app.extensions["serve.openapi"] = build_openapi(service.table, v2_paths(list(service.table.models)),
+    names = list(service.table.models)
+    app.extensions["serve.openapi"] = build_openapi(service.table, {**v2_paths(names), **v1_paths(service.table)},
                                                    management=config.server.enable_management)
     app.register_blueprint(bp)
     app.register_blueprint(v2)
+    app.register_blueprint(v1)
     app.register_blueprint(page)
     if config.server.enable_management:
         app.register_blueprint(management)

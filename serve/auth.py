@@ -60,7 +60,13 @@ ROUTE_SCOPES: Mapping[str, str | None] = MappingProxyType({
     "serve.describe_model": "inference",
     "serve.openapi": "inference",
     "v2": "inference",  # infer, server and model metadata, model readiness, unknown /v2 paths
+    "v1": "inference",  # KServe V1: model list and readiness, predict, explain
     "management": "management",  # reload, and whatever the management blueprint serves later
+    # gRPC (serve/grpc_door.py): "grpc.<method>" of inference.GRPCInferenceService; the gRPC health
+    # service (grpc.health.v1) is not checked at all, as the HTTP probes aren't.
+    "grpc.ServerLive": OPEN,
+    "grpc.ServerReady": OPEN,
+    "grpc": "inference",  # model metadata and readiness, inference, streaming, the repository index
 })
 DEFAULT_SCOPE = "management"
 NO_KEY_MESSAGE = "this route needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
@@ -244,12 +250,35 @@ def challenge(error: str | None = None, scope: str | None = None) -> str:
     return "Bearer " + ", ".join(parts)
 
 
-def presented_key(req: Request) -> str | None:
-    """`Authorization: Bearer <key>`, else `X-API-Key: <key>`."""
-    scheme, _, token = req.headers.get("Authorization", "").strip().partition(" ")
+def key_from(authorization: str | None, api_key: str | None) -> str | None:
+    """The key in `Authorization: Bearer <key>`, else in `X-API-Key: <key>` (HTTP headers or gRPC metadata)."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return req.headers.get("X-API-Key", "").strip() or None
+    return (api_key or "").strip() or None
+
+
+def presented_key(req: Request) -> str | None:
+    """`Authorization: Bearer <key>`, else `X-API-Key: <key>`."""
+    return key_from(req.headers.get("Authorization"), req.headers.get("X-API-Key"))
+
+
+def check_key(keys: ApiKeys, endpoint: str | None, presented: str | None) -> ApiKey | None:
+    """Check a presented key against the scope an endpoint needs (a route's, or "grpc.<method>"); the
+    key, None for an open endpoint. Protocol-free: each door maps the errors to its own shape.
+
+    Raises:
+        UnauthorizedError: the endpoint needs a key and none valid was sent.
+        ForbiddenError: the key lacks the endpoint's scope.
+    """
+    scope = required_scope(endpoint)
+    if scope is OPEN:
+        return None
+    key = keys.identify(presented)
+    if scope != ANY_KEY and scope not in key.scopes:
+        raise ForbiddenError(f"the API key '{key.name}' lacks the '{scope}' scope this route needs",
+                             challenge(error="insufficient_scope", scope=scope))
+    return key
 
 
 def authorize(keys: ApiKeys, req: Request) -> ApiKey | None:
@@ -259,14 +288,9 @@ def authorize(keys: ApiKeys, req: Request) -> ApiKey | None:
         UnauthorizedError: the route needs a key and none valid was sent.
         ForbiddenError: the key lacks the route's scope.
     """
-    scope = required_scope(req.endpoint)
-    if scope is OPEN:
-        return None
-    key = keys.identify(presented_key(req))
-    if scope != ANY_KEY and scope not in key.scopes:
-        raise ForbiddenError(f"the API key '{key.name}' lacks the '{scope}' scope this route needs",
-                             challenge(error="insufficient_scope", scope=scope))
-    return key
+    if required_scope(req.endpoint) is OPEN:
+        return None  # the key isn't even looked at (a stale header on a probe is fine)
+    return check_key(keys, req.endpoint, presented_key(req))
 
 
 def register_auth(app: Flask, keys: ApiKeys | None) -> None:
@@ -296,7 +320,7 @@ def exposure_warning(server: ServerSettings, hosts: Iterable[str]) -> str | None
     exposed = sorted({h for h in hosts if not is_loopback(h)})
     if not exposed or server.api_keys_file is not None or server.api_keys is not None:
         return None
-    what = ("run predictions (/predictions, /v2/models/<name>/infer), read model metadata (/models, /v2, "
+    what = ("run predictions (/predictions, /v2/models/<name>/infer, /v1/models/<name>:predict, gRPC), read model metadata (/models, /v2, "
             "/openapi.json) and /metrics")
     if server.enable_management:
         what += (", and load, switch, unload and reload models (POST /models/<name>/versions, /reload, ...: "

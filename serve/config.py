@@ -262,6 +262,13 @@ class ServerSettings(_Frozen):
         "used unpinned lazy model with no request in flight is evicted. A number of bytes, or with a unit (512MiB, "
         "2GB) or a share of the machine's memory (25%); None: no limit")
 
+    # gRPC (docs/grpc.md): the Open Inference Protocol's GRPCInferenceService and the gRPC health service,
+    # served by every worker on this port (SO_REUSEPORT) beside HTTP. Off unless set; the image sets 8081.
+    grpc_port: int | None = Field(None, ge=0, lt=65536, description="gRPC port (KServe's is 8081); None or 0: off")
+    grpc_max_message_bytes: int = Field(
+        32 * 2**20, ge=4 * 2**20, description="largest gRPC request or answer message (grpcio's own default, 4 MiB, "
+        "is smaller than one phone photo)")
+
     @field_validator("model_memory_budget", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> Any:
@@ -331,6 +338,8 @@ class ServerSettings(_Frozen):
             raise ValueError("set api_keys_file (SERVE_API_KEYS_FILE) or api_keys (SERVE_API_KEYS), not both")
         if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
             raise ValueError("s3_access_key_id and s3_secret_access_key go together: set both or neither")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port {self.grpc_port} is the HTTP port too: give gRPC a port of its own (8081)")
         return self
 
 
@@ -398,6 +407,8 @@ SERVER_ENV = {
     "SERVE_S3_SECRET_ACCESS_KEY": "s3_secret_access_key",
     "SERVE_HF_ENDPOINT": "hf_endpoint",
     "SERVE_HF_TOKEN": "hf_token",
+    "SERVE_GRPC_PORT": "grpc_port",
+    "SERVE_GRPC_MAX_MESSAGE_BYTES": "grpc_max_message_bytes",
 }
 # Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
 # are), relative to the working directory when the environment does.

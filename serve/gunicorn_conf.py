@@ -12,6 +12,7 @@ import atexit
 import gc
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -23,6 +24,7 @@ from serve.auth import exposure_warning
 from serve.config import load_config
 from serve.cores import available_cores
 from serve.errors import ConfigError
+from serve.grpc_port import check_port_free
 from serve.memory import limit_arenas
 from serve.tls import TlsContext
 
@@ -142,16 +144,58 @@ def post_fork(server, worker):
     server.log.info("worker %s: torch threads %s, preload=%s", worker.pid, threads_note, preload_app)
 
 
+# gRPC (serve/grpc_server.py, docs/grpc.md): a server in every worker, made after the fork (grpcio is not
+# fork-safe: nothing of it is imported here or in the app the master preloads), on grpc_port with
+# SO_REUSEPORT. SIGTERM starts its graceful stop at once, beside gunicorn's own for HTTP; the worker waits
+# for it on exit. Its grace ends before the master's graceful_timeout SIGKILLs the worker.
+grpc_grace_s = max(1.0, _server.graceful_timeout_s - 2)
+
+
+def on_starting(server):
+    if _server.grpc_port:
+        try:
+            check_port_free(_server.host, _server.grpc_port)
+        except ConfigError as exc:
+            raise RuntimeError(f"serve: {exc.message}") from None  # gunicorn prints it and exits 1
+
+
 def post_worker_init(worker):
     """The worker's app is loaded: catch up with the control file, then start every model's runtime here
-    (ONNX Runtime sessions are made in the process that runs them), all before it takes a request."""
-    lifecycle = getattr(worker.wsgi, "extensions", {}).get("serve.lifecycle")
+    (ONNX Runtime sessions are made in the process that runs them), all before it takes a request; then
+    the gRPC server, if grpc_port is set (a port it can't bind stops the server, as a model that doesn't load)."""
+    extensions = getattr(worker.wsgi, "extensions", {})
+    lifecycle = extensions.get("serve.lifecycle")
     if lifecycle is not None:
         lifecycle.start()
-    service = getattr(worker.wsgi, "extensions", {}).get("serve")
+    service = extensions.get("serve")
     if service is not None:
         # One worker never runs beside another; the host's load counts less the master's and workers' own.
         service.start_worker(busy_sessions=workers > 1, server_pid=os.getppid())
+    if _server.grpc_port and service is not None:
+        from serve.grpc_server import GrpcServer
+
+        worker.grpc = GrpcServer.start(service, extensions["serve.metrics"], extensions.get("serve.api_keys"),
+                                       service.settings)
+        worker.log.info("worker %s: gRPC on %s", worker.pid, worker.grpc.address)
+        on_term = signal.getsignal(signal.SIGTERM)  # gunicorn's: stop taking HTTP requests, finish those in flight
+
+        def stop_both(signum, frame):
+            worker.grpc.begin_stop(grpc_grace_s)
+            on_term(signum, frame)
+
+        signal.signal(signal.SIGTERM, stop_both)
+
+
+def worker_int(worker):
+    """SIGINT / SIGQUIT: a quick stop, gRPC calls in flight cancelled."""
+    if getattr(worker, "grpc", None) is not None:
+        worker.grpc.begin_stop(0)
+
+
+def worker_exit(server, worker):
+    """HTTP is drained: wait for the gRPC calls still in flight (begun at SIGTERM, grpc_grace_s at most)."""
+    if getattr(worker, "grpc", None) is not None:
+        worker.grpc.stop(grpc_grace_s)
 
 
 def when_ready(server):

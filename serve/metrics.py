@@ -32,9 +32,11 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("serve_requests", "HTTP prediction requests", ["model", "status"], registry=r)
+        # protocol: "rest" (/predictions, /v2, /v1 over HTTP) or "grpc"; status: the HTTP status, or for gRPC
+        # the HTTP status its error maps from (serve/grpc_door.py), so one status means one outcome.
+        self.requests = Counter("serve_requests", "Prediction requests", ["model", "status", "protocol"], registry=r)
         self.request_seconds = Histogram("serve_request_duration_seconds", "Prediction request latency",
-                                         ["model", "status"], buckets=LATENCY_BUCKETS, registry=r)
+                                         ["model", "status", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("serve_batch_size", "Images per forward pass", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.inference_seconds = Histogram("serve_inference_duration_seconds", "Forward pass time per batch",
@@ -63,9 +65,9 @@ class Metrics:
         self.lazy_load_seconds = Histogram("serve_lazy_load_duration_seconds", "Time to load and warm a lazy model",
                                            ["model"], buckets=LOAD_BUCKETS, registry=r)
 
-    def observe_request(self, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, str(status)).inc()
-        self.request_seconds.labels(model, str(status)).observe(seconds)
+    def observe_request(self, model: str, status: int, seconds: float, protocol: str = "rest") -> None:
+        self.requests.labels(model, str(status), protocol).inc()
+        self.request_seconds.labels(model, str(status), protocol).observe(seconds)
 
     def observe_batch(self, model: str, size: int, seconds: float, pending: int) -> None:
         self.batch_size.labels(model).observe(size)

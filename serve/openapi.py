@@ -141,7 +141,7 @@ def build_openapi(table: ModelTable, extra_paths: dict[str, Any] | None = None,
         "openapi": "3.1.0",
         "info": {"title": "torch-serve", "version": VERSION,
                  "description": "PyTorch image models (classify, detect, segment, embed): TorchServe-style routes "
-                                "and the Open Inference Protocol (V2)."},
+                                "the Open Inference Protocol (V2) and KServe V1."},
         "paths": paths,
         "components": {"schemas": {**SCHEMAS, **results}},
     }
@@ -293,3 +293,50 @@ SCHEMAS.update({
         "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
         "parameters": {"type": "object"}, "outputs": {"type": "array", "items": V2_TENSOR}}},
 })
+
+
+def v1_paths(table: ModelTable) -> dict[str, Any]:
+    """KServe's V1 data plane routes that serve/v1.py answers."""
+    names = list(table.models)
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    tasks = {p.task.name: p.task for p in table.predictors.values()}
+    _, refs = result_schemas(dict.fromkeys(type(t).Result for t in tasks.values()))
+    query = merged_parameters([p for t in tasks.values() for p in t.query_parameters()])
+    tensor_answer = {"type": "object", "additionalProperties": {"type": "array"},
+                     "description": "a tensor instance's answer: the model's V2 outputs by name"}
+    instance = {"oneOf": [
+        {"type": "string", "description": "a base64-encoded image"},
+        {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string"}}, "additionalProperties": False},
+        {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [{"type": "string"}, {"type": "array"}]}},
+         "additionalProperties": False},
+        {"type": "array", "description": "a preprocessed float tensor [C, H, W] (classify, embed)"}]}
+    predict = {
+        "summary": "Predict (KServe V1): one image per instance; each prediction as POST /predictions answers it",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["instances"],
+            "properties": {"instances": {"type": "array", "minItems": 1, "items": instance}}}}}},
+        "responses": {
+            "200": {"description": "one prediction per instance", "headers": VERSION_HEADER, "content": {
+                "application/json": {"schema": {"type": "object", "required": ["predictions"], "properties": {
+                    "predictions": {"type": "array", "items": {"anyOf": [*refs, tensor_answer]}}}}}}},
+            "400": _v2_error("malformed body, invalid base64, undecodable image, wrong tensor shape"),
+            "404": _v2_error("unknown model or version"),
+            "413": _v2_error("body, pixels or instances over the limits"),
+            "503": _v2_error("overloaded or timed out (Retry-After)")}}
+    explain = {"summary": "Explain (KServe V1): not served", "responses": {
+        "501": _v2_error("this server has no explainer"), "404": _v2_error("unknown model or version")}}
+    return {
+        "/v1/models": {"get": {"summary": "The served models (KServe V1)", "responses": {"200": _json(
+            {"type": "object", "required": ["models"], "properties": {
+                "models": {"type": "array", "items": {"type": "string"}}}})}}},
+        "/v1/models/{name}": {"get": {"summary": "Model readiness (KServe V1)", "parameters": [name], "responses": {
+            "200": _json({"type": "object", "required": ["name", "ready"], "properties": {
+                "name": {"type": "string"}, "ready": {"type": "boolean"}}}),
+            "404": _v2_error("unknown model")}}},
+        "/v1/models/{name}:predict": {"post": {**predict, "parameters": [name, *query, TIMEOUT_PARAM]}},
+        "/v1/models/{name}/versions/{version}:predict": {"post": {
+            **predict, "parameters": [name, version, *query, TIMEOUT_PARAM]}},
+        "/v1/models/{name}:explain": {"post": {**explain, "parameters": [name]}},
+        "/v1/models/{name}/versions/{version}:explain": {"post": {**explain, "parameters": [name, version]}},
+    }

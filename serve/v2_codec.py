@@ -79,6 +79,34 @@ def parse_outputs(header: dict, task: Task) -> dict[str, RequestedOutput]:
     return outputs
 
 
+def _expected(task: Task) -> tuple[tuple[str, ...], str]:
+    """The inputs a task accepts, and how to name them in a message."""
+    channels, height, width = task.input_shape
+    accepted = (TENSOR_INPUT, IMAGE_INPUT) if task.fixed_size else (IMAGE_INPUT,)
+    expected = (f"'{TENSOR_INPUT}' (FP32 [N, {channels}, {height}, {width}]) or " if TENSOR_INPUT in accepted else ""
+                ) + f"'{IMAGE_INPUT}' (BYTES [N], encoded images)"
+    return accepted, expected
+
+
+def check_input_count(count: int, task: Task) -> None:
+    """Raises: InvalidRequestError: not exactly one input."""
+    _, expected = _expected(task)
+    if count == 0:
+        raise InvalidRequestError(f"'inputs' must be a non-empty list holding {expected}")
+    if count != 1:
+        raise InvalidRequestError(f"expected exactly one input, {expected}; got {count}")
+
+
+def _check_name_and_shape(name: str, shape: Any, task: Task, model: str) -> None:
+    accepted, expected = _expected(task)
+    if name not in accepted:
+        raise InvalidRequestError(
+            f"unexpected inference input '{name[:64]}' for model '{model}'; send {expected}"
+        )
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise InvalidRequestError(f"input '{name}': 'shape' must be a list of non-negative integers")
+
+
 def parse_input(header: dict, binary: bytes, task: Task, model: str, max_images: int) -> tuple[str, Any]:
     """Return ("input", float32 array [N, C, H, W]) or ("image", [image bytes, ...]).
 
@@ -86,24 +114,14 @@ def parse_input(header: dict, binary: bytes, task: Task, model: str, max_images:
         InvalidRequestError: not exactly one known input, or its datatype, shape or data is wrong.
     """
     inputs = header.get("inputs")
-    channels, height, width = task.input_shape
-    accepted = (TENSOR_INPUT, IMAGE_INPUT) if task.fixed_size else (IMAGE_INPUT,)
-    expected = (f"'{TENSOR_INPUT}' (FP32 [N, {channels}, {height}, {width}]) or " if TENSOR_INPUT in accepted else ""
-                ) + f"'{IMAGE_INPUT}' (BYTES [N], encoded images)"
-    if not isinstance(inputs, list) or not inputs:
-        raise InvalidRequestError(f"'inputs' must be a non-empty list holding {expected}")
-    if len(inputs) != 1:
-        raise InvalidRequestError(f"expected exactly one input, {expected}; got {len(inputs)}")
+    if not isinstance(inputs, list):
+        check_input_count(0, task)
+    check_input_count(len(inputs), task)
     tensor = inputs[0]
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
         raise InvalidRequestError("each input must be an object with a 'name'")
     name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
-    if name not in accepted:
-        raise InvalidRequestError(
-            f"unexpected inference input '{name[:64]}' for model '{model}'; send {expected}"
-        )
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise InvalidRequestError(f"input '{name}': 'shape' must be a list of non-negative integers")
+    _check_name_and_shape(name, shape, task, model)
     params = parameters(tensor, f"input '{name}'")
     raw = None
     if "binary_data_size" in params:
@@ -119,6 +137,20 @@ def parse_input(header: dict, binary: bytes, task: Task, model: str, max_images:
         raise InvalidRequestError(f"input '{name}' has no 'data' and no binary_data_size")
     if binary:
         raise InvalidRequestError(f"{len(binary)} bytes of binary data after the inputs are not claimed by any input")
+    return parse_tensor(name, datatype, shape, task, model, max_images, data=tensor.get("data"), raw=raw)
+
+
+def parse_tensor(name: str, datatype: Any, shape: Any, task: Task, model: str, max_images: int, *,
+                 data: Any = None, raw: bytes | None = None, elements: list[bytes] | None = None) -> tuple[str, Any]:
+    """One input already separated from its request (gRPC's InferInputTensor, or V2 JSON's after its
+    binary part is cut): its data as JSON `data`, `raw` bytes (FP32 little-endian, or BYTES elements
+    each with a 4-byte length) or BYTES `elements` (gRPC's bytes_contents). Returns what parse_input does.
+
+    Raises:
+        InvalidRequestError: an unknown input, or its datatype, shape or data is wrong.
+    """
+    _check_name_and_shape(name, shape, task, model)
+    channels, height, width = task.input_shape
     wanted = "FP32" if name == TENSOR_INPUT else "BYTES"
     if datatype != wanted:
         raise InvalidRequestError(
@@ -137,8 +169,12 @@ def parse_input(header: dict, binary: bytes, task: Task, model: str, max_images:
     if count > max_images:
         raise InvalidRequestError(f"{count} images in one request; the limit is {max_images}")
     if name == TENSOR_INPUT:
-        return name, float_tensor(name, shape, tensor.get("data"), raw)
-    return name, image_elements(name, count, tensor.get("data"), raw)
+        return name, float_tensor(name, shape, data, raw)
+    if elements is not None:
+        if len(elements) != count:
+            raise InvalidRequestError(f"input '{name}': {len(elements)} elements; its shape says {count}")
+        return name, list(elements)
+    return name, image_elements(name, count, data, raw)
 
 
 def float_tensor(name: str, shape: list[int], data: Any, raw: bytes | None) -> np.ndarray:
@@ -231,3 +267,10 @@ def encode_response(header: Mapping[str, Any], tensors: list[V2Output], outputs:
         response["outputs"].append(tensor)
     head = json.dumps(response, separators=(",", ":")).encode()
     return head + b"".join(chunks), (len(head) if chunks else None)
+
+
+def raw_outputs(tensors: list[V2Output], outputs: Mapping[str, RequestedOutput]) -> list[tuple[dict, bytes]]:
+    """The requested outputs, in order, each as its description (name, datatype, shape) and its raw
+    little-endian bytes (BYTES: a 4-byte length before each element), as gRPC's raw_output_contents."""
+    by_name = {t.name: t for t in tensors}
+    return [render_output(by_name[out_name], True) for out_name in outputs]

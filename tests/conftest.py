@@ -95,17 +95,22 @@ _ABSENT = object()
 
 
 def metric(text: str, name: str, default=_ABSENT, **labels) -> float:
-    """The value of one sample in Prometheus exposition text; a missing sample is an error unless a
-    default is given (a counter that no request has touched yet)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? ([0-9.e+-]+)$" if labels else rf"^{re.escape(name)} ([0-9.e+-]+)$"
+    """The value of a sample in Prometheus exposition text: the sum over the samples whose labels include
+    `labels` (serve_requests_total{model, status} sums its protocols); a missing sample is an error unless
+    a default is given (a counter that no request has touched yet)."""
+    total, found = 0.0, False
     for line in text.splitlines():
-        match = re.match(pattern, line)
-        if match:
-            return float(match.groups()[-1])
-    if default is _ABSENT:
-        raise AssertionError(f"no sample {name}{labels or ''} in the metrics")
-    return default
+        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if match is None:
+            continue
+        sample = dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', match.group(1) or ""))
+        if all(sample.get(k) == str(v) for k, v in labels.items()):
+            total, found = total + float(match.group(2)), True
+    if not found:
+        if default is _ABSENT:
+            raise AssertionError(f"no sample {name}{labels or ''} in the metrics")
+        return default
+    return total
 
 
 def image_bytes(color=(255, 0, 0), size=(16, 16), fmt="PNG", mode="RGB", **save_args) -> bytes:
@@ -131,3 +136,7 @@ def cat_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(data.chelsea()).save(buf, "JPEG", quality=95)
     return buf.getvalue()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "server: starts a real gunicorn (tests/servers.py)")

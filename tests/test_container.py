@@ -136,7 +136,7 @@ def served(docker, user_models):
     port = free_port()
     started = time.monotonic()
     docker.cli("run", "--detach", "--name", name, "--label", LABEL, "--network", "host", *RUN_FLAGS,
-               "--env", f"PORT={port}", "--env", "SERVE_HOST=127.0.0.1",
+               "--env", f"PORT={port}", "--env", "SERVE_HOST=127.0.0.1", "--env", f"SERVE_GRPC_PORT={free_port()}",
                "--env", "SERVE_CONFIG=/srv/user/models.yaml", "--env", "SERVE_DEVICE=cpu",
                "--volume", f"{user_models}:/srv/user:ro", container.IMAGE)
     run = Running(name, port, started)
@@ -149,7 +149,7 @@ def test_image_runs_as_non_root_with_a_healthcheck(docker):
     config = docker.image["config"]
     assert config["User"] == "serve"
     assert "/ready" in " ".join(config["Healthcheck"]["Test"])
-    assert config["Cmd"][0] == "gunicorn" and "8000/tcp" in config["ExposedPorts"]
+    assert config["Cmd"][0] == "gunicorn" and {"8000/tcp", "8081/tcp"} <= set(config["ExposedPorts"])
     assert docker.inspect(container.IMAGE, "{{.Os}}/{{.Architecture}}") == "linux/amd64"
 
 
@@ -243,7 +243,8 @@ def test_compose_brings_the_default_model_up_and_down(docker, tmp_path, cat_jpeg
     empty.mkdir(mode=0o755)
     compose = ["docker-compose", "--project-name", COMPOSE_PROJECT, "--project-directory", str(ROOT),
                "--file", str(ROOT / "docker-compose.yml"), "--file", str(override)]
-    env = compose_env(docker.env, SERVE_MODELS_DIR=str(empty), PORT=str(port))  # PORT: the published one
+    grpc_port = free_port()
+    env = compose_env(docker.env, SERVE_MODELS_DIR=str(empty), PORT=str(port), GRPC_PORT=str(grpc_port))  # published
 
     def compose_run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run([*compose, *args], check=False, env=env, capture_output=True, text=True, timeout=180)
@@ -261,7 +262,8 @@ def test_compose_brings_the_default_model_up_and_down(docker, tmp_path, cat_jpeg
         assert answer["predictions"][0]["label"] in CATS
         assert docker.inspect(name, "{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}") == "true serve"
         bindings = docker.inspect(name, '{{json .HostConfig.PortBindings}}')
-        assert json.loads(bindings) == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+        assert json.loads(bindings) == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}],
+                                        "8081/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(grpc_port)}]}
     finally:
         down = compose_run("down", "--timeout", str(GRACE_S), check=False)  # never hides the failure above
     assert down.returncode == 0, down.stderr[-3000:]
@@ -283,7 +285,9 @@ def pod_spec_as_docker_run(pod: dict, configmap: dict, workdir: Path, port: int)
     assert limits["memory"].endswith("Gi")
     flags += ["--cpus", str(limits["cpu"]), "--memory", f"{int(limits['memory'][:-2])}g", "--memory-swap",
               f"{int(limits['memory'][:-2])}g"]
-    env = {item["name"]: item["value"] for item in spec["env"]} | {"SERVE_HOST": "127.0.0.1", "PORT": str(port)}
+    # gRPC too moves to a free port: on the host network the image's 8081 could be another test's.
+    env = {item["name"]: item["value"] for item in spec["env"]} | {"SERVE_HOST": "127.0.0.1", "PORT": str(port),
+                                                                   "SERVE_GRPC_PORT": str(free_port())}
     flags += [arg for name, value in env.items() for arg in ("--env", f"{name}={value}")]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     for mount in spec["volumeMounts"]:

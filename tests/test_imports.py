@@ -18,6 +18,10 @@ LATE_IMPORTS = {
         "prometheus_client picks its multiprocess mode when first imported, so it must load after this "
         "file sets PROMETHEUS_MULTIPROC_DIR (test_gunicorn_conf_leaves_prometheus_unimported)"
     ),
+    ("serve.gunicorn_conf", "serve.grpc_server"): (
+        "grpcio is not fork-safe: the gRPC server is made in each worker after the fork (post_worker_init), "
+        "and the master, which preloads the app and forks, never imports grpc"
+    ),
 }
 # Modules that run a program when imported: their imports are checked, importing them is not.
 ENTRY_POINTS = {"serve.__main__": "python -m serve: importing it runs the command line"}

@@ -77,7 +77,8 @@ def one(kind: str, path: str | None = None) -> dict:
 
 CPU_DEPLOYMENT = one("Deployment", "deployment.yaml")
 GPU_DEPLOYMENT = one("Deployment", "gpu/deployment.yaml")
-ISVC = one("InferenceService")
+ISVC = one("InferenceService", "kserve/inferenceservice.yaml")
+ISVC_GRPC = one("InferenceService", "kserve/grpc/inferenceservice.yaml")  # the grpc-v2 variant
 CONFIGMAP = one("ConfigMap")
 SERVICE = one("Service")
 HPA = one("HorizontalPodAutoscaler")
@@ -132,8 +133,11 @@ def resolve_port(container: dict, port) -> int:
 
 
 def container_port(container: dict) -> int:
-    assert len(container["ports"]) == 1, "the server listens on one port"
-    return container["ports"][0]["containerPort"]
+    """The HTTP port: the one named http (http1 in Knative), or the only one."""
+    ports = container["ports"]
+    named = [p for p in ports if p.get("name") in ("http", "http1")]
+    assert len(named) == 1 or len(ports) == 1, "one HTTP port"
+    return (named or ports)[0]["containerPort"]
 
 
 # --- schema validation ------------------------------------------------------------------------------
@@ -163,8 +167,9 @@ def isvc_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
-def test_inferenceservice_matches_kserve_sdk_schema():
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in isvc_validator().iter_errors(ISVC)]
+@pytest.mark.parametrize("isvc", [ISVC, ISVC_GRPC], ids=["v2", "grpc-v2"])
+def test_inferenceservice_matches_kserve_sdk_schema(isvc):
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in isvc_validator().iter_errors(isvc)]
     assert not errors, errors
 
 
@@ -469,3 +474,65 @@ def test_service_hpa_and_pdb_select_the_deployment():
     # A PDB that needs every pod blocks node drains forever.
     assert HPA["spec"]["minReplicas"] > PDB["spec"]["minAvailable"]
     assert "replicas" not in CPU_DEPLOYMENT["spec"], "the HPA owns replicas"
+
+
+# --- gRPC (docs/grpc.md) ----------------------------------------------------------------------------------
+
+
+def image_env(name: str) -> str:
+    return re.search(rf"^\s*{name}=(\S+?)\s*\\?$", dockerfile(), re.M).group(1)
+
+
+def test_image_serves_grpc_and_exposes_both_ports():
+    grpc_port = int(image_env("SERVE_GRPC_PORT"))
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", dockerfile(), re.M).group(1).split()}
+    assert exposed == {image_env_port(), grpc_port} and grpc_port == 8081  # KServe's gRPC convention
+    assert ServerSettings().grpc_port is None  # off unless set: the image sets it, a checkout's gunicorn doesn't
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    published = [p.rsplit(":", 1)[1] for p in compose["x-serve"]["ports"]]
+    assert sorted(published) == sorted([str(image_env_port()), str(grpc_port)])
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_deployment_grpc_port(name):
+    _, container = WORKLOADS[name]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    config = server_config(container).server
+    assert named["grpc"] == config.grpc_port == int(env_of(container)["SERVE_GRPC_PORT"]) == int(image_env("SERVE_GRPC_PORT"))
+    service_port = next(p for p in SERVICE["spec"]["ports"] if p["name"] == "grpc")
+    assert resolve_port(container, service_port["targetPort"]) == config.grpc_port
+    assert service_port["appProtocol"] == "kubernetes.io/h2c"  # HTTP/2 without TLS, for meshes and gateways
+
+
+def test_grpc_inferenceservice_is_the_v2_one_over_h2c():
+    container = ISVC_GRPC["spec"]["predictor"]["containers"][0]
+    env = env_of(container)
+    assert env["PROTOCOL"] == "grpc-v2"
+    assert set(env) <= set(SERVER_ENV) | {"SERVE_CONFIG", "SERVE_DEVICE"} | set(ISVC_EXTRA_ENV)
+    # Knative: one port, named h2c, and PORT set to it; the command moves HTTP back to 8000.
+    assert container["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
+    assert container["command"][:2] == ["env", f"PORT={image_env_port()}"] and container["command"][2:] == [
+        "gunicorn", "-c", "serve/gunicorn_conf.py", "serve.app:create_app()"]
+    config = build_config(yaml.safe_load(CONFIGMAP["data"]["models.yaml"]), base_dir=PurePosixPath(env["SERVE_CONFIG"]).parent,
+                          env={**env, "PORT": str(image_env_port())})  # the command's PORT over Knative's
+    assert config.server.grpc_port == 8081 and config.server.port == image_env_port()
+    found = probes(container)
+    assert set(found) == {"startupProbe", "readinessProbe", "livenessProbe"}
+    for probe in found.values():
+        assert probe["grpc"] == {"port": 8081} and "httpGet" not in probe
+        assert probe["timeoutSeconds"] < probe["periodSeconds"]
+    startup = found["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= STARTUP_WINDOW_S
+    # Everything else is the V2 predictor's.
+    same = copy.deepcopy(ISVC_GRPC)
+    rest = copy.deepcopy(ISVC)
+    for isvc in (same, rest):
+        isvc["metadata"].pop("name")
+        isvc["metadata"]["labels"].pop("app.kubernetes.io/variant", None)
+        c = isvc["spec"]["predictor"]["containers"][0]
+        for field in ("ports", "command", "startupProbe", "readinessProbe", "livenessProbe"):
+            c.pop(field, None)
+        c["env"] = [e for e in c["env"] if e["name"] not in ("PROTOCOL", "SERVE_GRPC_PORT")]
+    assert same == rest
+    pod = ISVC_GRPC["spec"]["predictor"]
+    assert "lifecycle" not in container and "terminationGracePeriodSeconds" not in pod and "securityContext" not in pod
