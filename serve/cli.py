@@ -13,6 +13,7 @@ from torch import nn
 
 from serve.config import load_config
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
+from serve.extras import require
 from serve.formats.entry import suggest_entry
 from serve.formats.packaged import describe
 from serve.formats.safe_globals import resolve_safe_globals
@@ -127,9 +128,10 @@ def packaged_entry(path: Path, described: dict[str, str]) -> list[str]:
 
 def _inspect_onnx(path: Path, as_config: bool) -> int:
     """An ONNX model's inputs, outputs, opset and external data files (read by onnx, nothing run)."""
-    import onnx
-
     from serve.runtimes.onnx import open_onnx_file
+
+    require("onnx", f"inspecting {path.name}", CheckpointError)
+    import onnx
 
     try:
         open_onnx_file(path)  # the same checks as serving it: one input, external data inside its folder

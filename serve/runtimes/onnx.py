@@ -95,6 +95,7 @@ from torch import nn
 
 from serve.cores import available_cores, batch_share
 from serve.errors import ExportError
+from serve.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -533,6 +534,8 @@ def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_par
     Raises:
         ExportError: the export, the check or the device failed; the message is the reason.
     """
+    for package in ("onnx", "onnxruntime"):
+        require(package, "ONNX Runtime", ExportError)
     device = torch.device(device)
     if device.type == "cuda":
         check_cuda_provider(device)
@@ -635,6 +638,8 @@ def open_onnx_file(path: Path, device: torch.device | str = "cpu", threads: int 
     Raises:
         ExportError: missing file, not ONNX, several inputs, missing or escaping external data.
     """
+    for package in ("onnx", "onnxruntime"):
+        require(package, f"an ONNX checkpoint ({path})", ExportError)
     import onnx
 
     path = Path(path)
@@ -665,6 +670,8 @@ def open_onnx_bytes(data: bytes, name: str, device: torch.device | str = "cpu", 
     Raises:
         ExportError: not ONNX, several inputs, or weights in external files.
     """
+    for package in ("onnx", "onnxruntime"):
+        require(package, f"an ONNX model ({name})", ExportError)
     import onnx
 
     try:

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
+from serve.errors import CheckpointError
+from serve.extras import require
 from serve.tasks.base import Options, Prepared, Result, Task, V2Output, padded_tensor, parse_number
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -148,6 +150,7 @@ class Detect(Task):
 
     def _masks(self, soft: torch.Tensor, prepared: Prepared) -> list[RleMask]:
         """Soft [K, 1, h, w] masks at the model input's size -> COCO RLE at the uploaded image's size."""
+        require("pycocotools", f"model '{self.spec.name}': detect's instance masks", CheckpointError)
         from pycocotools import mask as coco_mask
 
         if not len(soft):
