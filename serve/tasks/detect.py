@@ -66,7 +66,8 @@ class Detect(Task):
         return (self.spec.preprocess.channels, -1, -1)
 
     def check(self, output: Any) -> None:
-        self.split(output, 1)
+        if "masks" in self.split(output, 1)[0]:  # answered as COCO RLE: refuse to start without the encoder
+            require("pycocotools", f"model '{self.spec.name}': detect's instance masks", CheckpointError)
 
     def decode_sides(self) -> dict[str, int | None]:
         return {"min_side": None, "max_side": self.options.max_side}
