@@ -43,6 +43,7 @@ import numpy as np
 from serve.config import ServeConfig
 from serve.errors import InvalidRequestError, ServeError
 from serve.service import Call, Inputs, PredictionService
+from serve.tasks.base import Task
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FORMATS = ("jsonl", "csv")
@@ -175,19 +176,22 @@ class BatchOutput:
         self.masks_dir = path.with_name(path.name + ".masks")
 
     @classmethod
-    def open(cls, path: Path, fmt: str, task: str, *, topk: int = 1, resume: bool = False,
+    def open(cls, path: Path, fmt: str, task: Task, *, topk: int = 1, resume: bool = False,
              overwrite: bool = False) -> BatchOutput:
-        """Open (or create) the output. An existing file is continued with `resume` (a torn last line
-        dropped), started again with `overwrite`, and refused otherwise.
+        """Open (or create) the output for `task`'s answers. An existing file is continued with `resume`
+        (a torn last line dropped), started again with `overwrite`, and refused otherwise.
 
         Raises:
-            InvalidRequestError: an unknown format, csv for another task than classify, an existing
+            InvalidRequestError: an unknown format, csv for a task not answering ranked classes, an existing
                 output without resume or overwrite, or one that isn't this format's.
         """
+        ranked = "predictions" in task.Result.model_fields
+        task = task.name
         if fmt not in FORMATS:
             raise InvalidRequestError(f"--format must be one of {list(FORMATS)}, got '{fmt}'")
-        if fmt == "csv" and task != "classify":
-            raise InvalidRequestError(f"--format csv is for classify models; this model's task is '{task}': use jsonl")
+        if fmt == "csv" and not ranked:
+            raise InvalidRequestError(f"--format csv is for models answering ranked classes (predictions); this "
+                                      f"model's task is '{task}': use jsonl")
         exists = path.exists() and path.stat().st_size > 0
         if exists and not (resume or overwrite):
             raise InvalidRequestError(f"{path} exists: --resume continues it, --overwrite starts it again")
@@ -229,7 +233,7 @@ class BatchOutput:
     def write_embeddings(self) -> Path | None:
         """<output>.npy: every line's embedding, in the file's line order (NaN rows for failed images);
         None when no line holds one."""
-        if self.format != "jsonl" or self.task != "embed":
+        if self.format != "jsonl":
             return None
         vectors = [(line.get("answer") or {}).get("embedding") for line in _jsonl_lines(self.path)]
         dim = next((len(v) for v in vectors if v is not None), None)
@@ -316,7 +320,8 @@ def predict_file(service: PredictionService, path: str, model: str | None, param
             raise
         return Record(path, error={"code": exc.code, "message": exc.message})
     result = answer.results()[0].to_dict()
-    mask = base64.b64decode(result["mask"]["data"]) if answer.task.name == "segment" else None
+    mask = result.get("mask")  # a class map (segmentation) as a base64 PNG; a detection's masks are RLE, inside
+    mask = base64.b64decode(mask["data"]) if isinstance(mask, dict) and "data" in mask else None
     return Record(path, answer=result, mask_png=mask)
 
 

@@ -24,6 +24,7 @@ from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
 from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint, weights_path
 from serve.service import Call, Inputs, PredictionService
+from serve.tasks import TASKS
 
 GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn_conf.py"
 
@@ -123,7 +124,7 @@ def build_parser(prog: str = "ckpt-serve") -> argparse.ArgumentParser:
     source.add_argument("--kwargs", type=json.loads, metavar="JSON", help="with --checkpoint: the architecture's "
                         "arguments, e.g. '{\"num_classes\": 10}'")
     source.add_argument("--labels", help="with --checkpoint: a labels file, one class name a line")
-    source.add_argument("--task", choices=["classify", "detect", "segment", "embed"],
+    source.add_argument("--task", choices=list(TASKS),
                         help="with --checkpoint: default classify")
     _task_arguments(batch)
     batch.add_argument("--ext", default=",".join(e.lstrip(".") for e in _batch_extensions()),
@@ -416,7 +417,7 @@ def run_batch(args: argparse.Namespace) -> int:
         served = service.table.served(name, None)
         params = _task_params(args)
         topk = served.task.parse_params(params).get("topk", 1)
-        output = BatchOutput.open(args.output, fmt, served.task.name, topk=topk, resume=args.resume,
+        output = BatchOutput.open(args.output, fmt, served.task, topk=topk, resume=args.resume,
                                   overwrite=args.overwrite)
         summary = run(service, paths, output, model=name, params=params, in_flight=in_flight,
                       progress=args.progress)

@@ -290,7 +290,7 @@ def test_csv_is_for_classify(tmp_path, capsys):
                                       "device": "cpu", "preprocess": {"resize": 64, "crop": 64, **PLAIN}}])
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert main(["batch", str(tmp_path), "--config", str(config), "--output", str(tmp_path / "o.csv")]) == 1
-    assert "--format csv is for classify models; this model's task is 'segment': use jsonl" in capsys.readouterr().err
+    assert "--format csv is for models answering ranked classes (predictions); this model's task is 'segment'" in capsys.readouterr().err
 
 
 def test_shard_selection_is_deterministic():
@@ -303,3 +303,28 @@ def test_shard_selection_is_deterministic():
 
 def test_collect_inputs_by_extension(photos):
     assert collect_inputs(photos, ["png"]) == [str(photos / "broken" / "text.png")]
+
+
+def test_the_indexed_job_runs_one_shard_per_index_into_its_own_part():
+    """deploy/k8s/batch/batch-job.yaml: its command parses as this CLI's batch, and COUNT in --shard is
+    the Job's completions, so the indexes 0..COUNT-1 take every input once."""
+    import yaml
+
+    from serve.cli import build_parser
+
+    job = yaml.safe_load((ROOT / "deploy" / "k8s" / "batch" / "batch-job.yaml").read_text())
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["template"]["spec"]["restartPolicy"] == "Never"
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["command"][:3] == ["python", "-m", "serve"]
+    outputs, shards = set(), []
+    for index in range(spec["completions"]):
+        argv = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)) for a in container["command"][3:]]
+        args = build_parser().parse_args(argv)
+        assert args.command == "batch" and args.resume  # a retried pod continues its part
+        shards.append(Shard.parse(args.shard))
+        outputs.add(args.output)
+    assert shards == [Shard(i, spec["completions"]) for i in range(spec["completions"])]
+    assert len(outputs) == spec["completions"]  # a part file each
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert all(any(str(p).startswith(m) for m in mounts) for p in outputs)
