@@ -49,7 +49,7 @@ def model_table(workdir: Path) -> dict[str, dict]:
     import torch
 
     from serve.config import load_config
-    from serve.loader import build_module
+    from serve.formats.state_dict import build_module
 
     default = load_config(ROOT / "models" / "models.yaml", env={}).models[0]
     models = {
@@ -372,8 +372,7 @@ def measure_memory(workdir: Path, body: Path) -> dict:
 
 def measure_large_photo() -> dict:
     """A 12-megapixel JPEG through decode + preprocess, with and without scale-on-decode (draft)."""
-    from serve.config import PreprocessSpec
-    from serve.preprocess import build_transform, decode_image
+    from serve.preprocess import PreprocessSpec, build_transform, decode_image
 
     data = photo_jpeg((4000, 3000))
     transform = build_transform(PreprocessSpec())

@@ -12,7 +12,7 @@ import torchvision.transforms as T
 from flask import Flask, jsonify, request
 from PIL import Image
 
-from serve.loader import (
+from serve.formats.state_dict import (
     build_module,  # only to build the same architecture; loading is the tutorial's
 )
 

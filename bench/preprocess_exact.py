@@ -22,8 +22,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from serve.config import PreprocessSpec  # noqa: E402
-from serve.preprocess import build_transform, decode_image, draft_side  # noqa: E402
+from serve.preprocess import PreprocessSpec, build_transform, decode_image, draft_side  # noqa: E402
 
 SIZES = [(451, 300), (640, 480), (1600, 1200), (4000, 3000)]
 RUNS = 9

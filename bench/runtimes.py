@@ -1,4 +1,4 @@
-"""Benchmark: the same checkpoint run eagerly and by ONNX Runtime (serve/runtimes/onnx.py), side by side.
+"""Benchmark: the same checkpoint run eagerly and by ONNX Runtime (serve/runtimes/onnx/), side by side.
 
     python bench/runtimes.py                      # about 4 minutes on 2 cores
     python bench/runtimes.py --rounds 1 --reps 10 # a quick look

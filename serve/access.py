@@ -9,6 +9,7 @@ import uuid
 from flask import Flask, Response, g, request
 
 from serve.metrics import Metrics
+from serve.response_notes import noted
 
 log = logging.getLogger("serve.access")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
@@ -34,15 +35,6 @@ class JsonFormatter(logging.Formatter):
 UNKNOWN_MODEL = "(unknown)"
 
 
-def note(response: Response, **values: object) -> Response:
-    """Carry values for the request's access-log line and metrics on its response: batch_size (a
-    prediction's Answer.batch_size), error_code (the answer's error code, whatever its body's shape)."""
-    if not hasattr(response, "access"):
-        response.access = {}
-    response.access.update(values)
-    return response
-
-
 def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, models: frozenset[str]) -> None:
     """Give every request an id (X-Request-ID, accepted or generated, echoed), a log line and metrics.
 
@@ -65,9 +57,9 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
         if request.endpoint in PREDICTION_ENDPOINTS:
             model = model or default_model
             metrics.observe_request(model if model in models else UNKNOWN_MODEL, response.status_code, elapsed)
-        noted = getattr(response, "access", {})
+        notes = noted(response)
         if response.status_code >= 400:
-            metrics.errors.labels(noted.get("error_code") or f"http_{response.status_code}").inc()
+            metrics.errors.labels(notes.get("error_code") or f"http_{response.status_code}").inc()
         log.info(json.dumps({
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
             "request_id": request_id,
@@ -76,7 +68,7 @@ def register_request_hooks(app: Flask, metrics: Metrics, default_model: str, mod
             "model": model,
             "status": response.status_code,
             "latency_ms": round(elapsed * 1000, 2),
-            "batch_size": noted.get("batch_size"),
+            "batch_size": notes.get("batch_size"),
             "bytes_in": request.content_length,
             "remote": request.remote_addr,
             "key": g.get("api_key_name"),  # the API key's name (serve/auth.py), never the key

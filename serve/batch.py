@@ -1,7 +1,7 @@
 """Offline batch prediction: a folder, list file or glob of images through the prediction core, to a file.
 
     paths = select_shard(collect_inputs("photos/"), Shard.parse("0/4"))
-    service = PredictionService.load(batch_config(config, in_flight), names=[model])
+    service = PredictionService.load(batch_config(config, in_flight), names=[model], include_lazy=True)
     summary = run_batch(service, paths, BatchOutput.open(Path("out.jsonl"), "jsonl", task, resume=True),
                         model=model, params={"topk": "3"}, in_flight=16)
 

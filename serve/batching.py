@@ -36,7 +36,8 @@ class Batcher:
 
     A batch starts as soon as one item is queued and waits at most its lane's delay for more (0 takes
     only what is already queued), up to max_batch_size. Every piece of torch work in the process runs
-    on this thread: GNU OpenMP keeps one thread team per calling thread, and once several teams exist
+    on this thread (but lazy models' loads, on a loader thread where torch has one thread and so no
+    team of its own): GNU OpenMP keeps one thread team per calling thread, and once several teams exist
     it stops spin-waiting, which makes every forward slower (docs/performance.md). The thread is restarted in a
     forked child (threads don't survive fork), so a Batcher made before gunicorn forks serves in
     every worker.

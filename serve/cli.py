@@ -14,20 +14,24 @@ import torch
 import yaml
 from torch import nn
 
+from serve.batch import (
+    IMAGE_EXTENSIONS, BatchOutput, Shard, batch_config, collect_inputs, default_in_flight, select_shard,
+)
+from serve.batch import run_batch as batch_run
 from serve.config import ServeConfig, build_config, load_config
+from serve.cores import available_cores
 from serve.errors import CheckpointError, InvalidRequestError, ServeError
 from serve.extras import require
 from serve.formats.entry import suggest_entry
 from serve.formats.packaged import describe
 from serve.formats.safe_globals import resolve_safe_globals
+from serve.formats.state_dict import find_state_dict, is_state_dict, read_checkpoint, weights_path
 from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
-from serve.loader import file_sha256, find_state_dict, is_state_dict, read_checkpoint, weights_path
+from serve.loader import file_sha256
+from serve.runtimes.onnx import open_onnx_file
 from serve.service import Call, Inputs, PredictionService
 from serve.tasks import TASKS
-
-GUNICORN_CONF = Path(__file__).resolve().parent / "gunicorn_conf.py"
-
 
 def main(argv: list[str] | None = None, prog: str = "ckpt-serve") -> int:
     parser = build_parser(prog)
@@ -127,7 +131,7 @@ def build_parser(prog: str = "ckpt-serve") -> argparse.ArgumentParser:
     source.add_argument("--task", choices=list(TASKS),
                         help="with --checkpoint: default classify")
     _task_arguments(batch)
-    batch.add_argument("--ext", default=",".join(e.lstrip(".") for e in _batch_extensions()),
+    batch.add_argument("--ext", default=",".join(e.lstrip(".") for e in IMAGE_EXTENSIONS),
                        help="with a folder: the file extensions taken (default: %(default)s)")
     batch.add_argument("--shard", default="0/1", metavar="INDEX/COUNT",
                        help="take the sorted inputs whose position i has i %% COUNT == INDEX (default: all)")
@@ -148,12 +152,6 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
 def _task_params(args: argparse.Namespace) -> dict[str, str]:
     given = {"topk": args.topk, "threshold": args.threshold}
     return {k: str(v) for k, v in given.items() if v is not None}
-
-
-def _batch_extensions() -> tuple[str, ...]:
-    from serve.batch import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -250,8 +248,6 @@ def packaged_entry(path: Path, described: dict[str, str]) -> list[str]:
 
 def _open_onnx(path: Path) -> None:
     """Raises: CheckpointError: what serving the file would fail on (one input, external data inside its folder)."""
-    from serve.runtimes.onnx import open_onnx_file
-
     require("onnx", f"inspecting {path.name}", CheckpointError)
     try:
         open_onnx_file(path)
@@ -306,7 +302,7 @@ def _print_tensors(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    service = PredictionService.load(config)
+    service = PredictionService.load(config, include_lazy=True)
     for predictor in service.table.predictors.values():
         meta = predictor.metadata()
         print(
@@ -337,7 +333,7 @@ def run_predict(args: argparse.Namespace) -> int:
         return 1
     if args.format == "png" and args.output is None:
         raise InvalidRequestError("--format png needs --output FILE")
-    service = PredictionService.load(config, names=[name])
+    service = PredictionService.load(config, names=[name], include_lazy=True)
     try:
         answer = service.predict(Call(lambda _served: Inputs([data]), name, params=_task_params(args),
                                       answer_format=args.format))
@@ -356,9 +352,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """gunicorn through its Python API with the bundled settings: what `gunicorn -c serve/gunicorn_conf.py
-    "serve.app:create_app()"` runs. The flags go through the environment the settings file and every
-    worker's create_app() read, so a flag and its variable mean the same."""
+    """gunicorn through its Python API with the bundled settings (serve/server.py): what `gunicorn -c
+    serve/gunicorn_conf.py "serve.app:create_app()"` runs. The flags go through the environment the
+    settings file and every worker's create_app() read, so a flag and its variable mean the same; the
+    server runs in a fresh interpreter (exec, the same process id) that has imported nothing of serve."""
     flags = {"SERVE_CONFIG": args.config and str(args.config.resolve()), "SERVE_HOST": args.host,
              "PORT": args.port, "WEB_CONCURRENCY": args.workers}
     for variable, value in flags.items():
@@ -366,41 +363,13 @@ def run_serve(args: argparse.Namespace) -> int:
             os.environ[variable] = str(value)
     if args.config is not None:
         load_config(args.config)  # a missing or invalid file: one line here, not a gunicorn traceback
-    _gunicorn_server().run()
-    return 0
-
-
-def _gunicorn_server():
-    """gunicorn's BaseApplication for the bundled settings file and serve.app:create_app()."""
-    import importlib.util
-
-    from gunicorn.app.base import BaseApplication
-
-    class GunicornServer(BaseApplication):
-        def load_config(self) -> None:
-            # As gunicorn's own `-c FILE`: the file runs as module __config__ and every gunicorn setting it
-            # defines (bind, workers, preload_app, the hooks...) is set.
-            spec = importlib.util.spec_from_file_location("__config__", GUNICORN_CONF)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["__config__"] = module
-            spec.loader.exec_module(module)
-            for key, value in vars(module).items():
-                if key in self.cfg.settings:
-                    self.cfg.set(key.lower(), value)
-
-        def load(self):
-            from serve.app import create_app
-
-            return create_app()
-
-    return GunicornServer(prog="ckpt-serve serve")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "serve.server"])
+    return 0  # not reached: execv replaces this process
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    from serve.batch import (
-        BatchOutput, Shard, batch_config, collect_inputs, default_in_flight, run_batch as run, select_shard)
-    from serve.cores import available_cores
-
     if args.in_flight is not None and args.in_flight < 1:
         raise InvalidRequestError(f"--in-flight must be at least 1, got {args.in_flight}")
     if args.resume and args.overwrite:
@@ -411,7 +380,7 @@ def run_batch(args: argparse.Namespace) -> int:
     spec = config.model(name)
     in_flight = args.in_flight or default_in_flight(spec.max_batch_size, available_cores())
     fmt = args.format or ("csv" if args.output.suffix.lower() == ".csv" else "jsonl")
-    service = PredictionService.load(batch_config(config, in_flight), names=[name])
+    service = PredictionService.load(batch_config(config, in_flight), names=[name], include_lazy=True)
     try:
         service.start_worker(busy_sessions=False)  # this process runs the model, as a lone server worker does
         served = service.table.served(name, None)
@@ -419,7 +388,7 @@ def run_batch(args: argparse.Namespace) -> int:
         topk = served.task.parse_params(params).get("topk", 1)
         output = BatchOutput.open(args.output, fmt, served.task, topk=topk, resume=args.resume,
                                   overwrite=args.overwrite)
-        summary = run(service, paths, output, model=name, params=params, in_flight=in_flight,
+        summary = batch_run(service, paths, output, model=name, params=params, in_flight=in_flight,
                       progress=args.progress)
     finally:
         service.close()

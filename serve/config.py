@@ -22,6 +22,8 @@ from pydantic import (
 from serve.errors import ConfigError
 from serve.extras import extra_hint
 from serve.formats.timm_folder import folder_fields, is_model_folder
+from serve.preprocess import PreprocessSpec
+from serve.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
@@ -33,39 +35,6 @@ DEFAULT_VERSION = "1"  # the version of a model configured without `versions`
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PreprocessSpec(_Frozen):
-    """How an uploaded image becomes the model's input tensor."""
-
-    resize: int = Field(256, gt=0, description="shorter side after resizing, in pixels")
-    crop: int = Field(224, gt=0, description="side of the centre crop, in pixels")
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    mode: Literal["RGB", "L"] = "RGB"
-    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] = "bilinear"
-    # How a timm eval transform crops (timm folders set these; see serve/formats/timm_folder.py).
-    crop_mode: Literal["center", "squash", "border"] = Field(
-        "center", description="center: shorter side to resize, centre crop; squash: both sides to resize; "
-        "border: longer side to resize, padded with the mean colour")
-    exact: bool = Field(
-        False, description="the same pixels as torchvision's Resize + CenterCrop (timm's eval transform): "
-        "no reduced-scale JPEG decoding, one resampling pass; slower on large photos")
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.mode == "RGB" else 1
-
-    @model_validator(mode="after")
-    def _check(self) -> PreprocessSpec:
-        if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
-        for field in ("mean", "std"):
-            if len(getattr(self, field)) != self.channels:
-                raise ValueError(f"{field} needs {self.channels} values for mode {self.mode}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std values must be positive")
-        return self
 
 
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
@@ -130,13 +99,17 @@ class ModelSpec(_Frozen):
     versions: tuple[VersionSpec, ...] = Field((), description="versions served under /predictions/<name>/<version>")
     default_version: str | None = Field(None, pattern=VERSION_PATTERN,
                                         description="the version answering /predictions/<name>; default: the last listed")
+    # Many models in a fixed memory (docs/operations.md, "Many models"): loaded at start or on first use.
+    load: Literal["eager", "lazy"] = Field(
+        "eager", description="eager: loaded and warmed in the master at start (workers share its pages); lazy: "
+        "loaded in each worker by the first request for it, and evicted least recently used first when "
+        "the worker's lazy models pass model_memory_budget")
+    pin: bool = Field(False, description="a lazy model that, once loaded, is never evicted")
 
     @model_validator(mode="before")
     @classmethod
     def _task_options(cls, data: Any) -> Any:
         """Move the mapping named after the task into task_options, validated by the task's Options."""
-        from serve.tasks import TASKS
-
         if not isinstance(data, dict):
             return data
         data = dict(data)
@@ -199,6 +172,26 @@ class ModelSpec(_Frozen):
         return self.model_copy(update={**own, "sha256": entry.sha256})  # the model's sha256 is another file's
 
 
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, total: int | None = None) -> int:
+    """A byte count from '536870912', '512MiB', '2 GB' or '25%' (of `total`, the machine's memory by default).
+
+    Raises: ValueError: none of those forms.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(%|[kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"expected bytes such as 536870912, 512MiB, 2GB or 25%, got {text!r:.40}")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if unit == "%":
+        if total is None:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total * number / 100)
+    return int(number * BYTE_UNITS[unit])
+
+
 class ServerSettings(_Frozen):
     """Limits and process settings shared by every model."""
 
@@ -237,6 +230,15 @@ class ServerSettings(_Frozen):
         None, description="where the workers share the management control file; gunicorn makes one if unset")
     models_dir: Path | None = Field(
         None, description="new versions load only from files under it; default: the config file's directory")
+    model_memory_budget: int | None = Field(
+        None, gt=0, description="bytes of lazy models (load: lazy) one worker may hold; past it the least recently "
+        "used unpinned lazy model with no request in flight is evicted. A number of bytes, or with a unit (512MiB, "
+        "2GB) or a share of the machine's memory (25%); None: no limit")
+
+    @field_validator("model_memory_budget", mode="before")
+    @classmethod
+    def _bytes(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
@@ -299,6 +301,7 @@ SERVER_ENV = {
     "SERVE_TLS_MIN_VERSION": "tls_min_version",
     "SERVE_MAX_QUEUE_WAIT_MS": "max_queue_wait_ms",
     "SERVE_SHED_HOLD_MS": "shed_hold_ms",
+    "SERVE_MODEL_MEMORY_BUDGET": "model_memory_budget",
     "SERVE_STATE_DIR": "state_dir",
     "SERVE_MODELS_DIR": "models_dir",
 }

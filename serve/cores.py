@@ -74,7 +74,7 @@ class HostLoad:
     Why: GNU OpenMP's threads meet at a barrier after every parallel op, so a 2-thread eager forward
     beside CPU-bound processes waits at each op for whichever thread is descheduled, and takes several
     times longer than on one thread (docs/performance.md). ONNX Runtime picks its session by the same
-    share (serve/runtimes/onnx.py).
+    share (serve/runtimes/onnx/).
     """
 
     def __init__(self, cpus: set[int] | None = None, root: int | None = None, interval_s: float = 0.25,

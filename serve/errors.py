@@ -8,7 +8,7 @@ from types import MappingProxyType
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from serve.access import note
+from serve.response_notes import note
 from serve.wire import drain_after
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,13 @@ class ExportError(ServeError):
     reason, and the server runs the model eagerly instead (or refuses an .onnx checkpoint)."""
 
     code = "export_error"
+
+
+class ModelTooLargeError(ServeError):
+    """A lazy model that alone holds more than model_memory_budget: it can't be served within it."""
+
+    status = 507
+    code = "model_too_large"
 
 
 class InvalidRequestError(ServeError):

@@ -162,6 +162,9 @@ def when_ready(server):
 
 
 def child_exit(server, worker):
+    # Imported here, not at the top: serve.metrics imports prometheus_client, which picks its
+    # multiprocess mode once, when first imported; that must be after PROMETHEUS_MULTIPROC_DIR is set
+    # above (tests/test_imports.py lists this import and checks that this file loads no prometheus_client).
     from serve.metrics import mark_worker_dead
 
     mark_worker_dead(worker.pid)

@@ -153,6 +153,7 @@ class Lifecycle:
         failed = []
         for name, entry in state["models"].items():
             if self._serving(name) is None:
+                self._remember(name, entry)  # a lazy model not loaded here serves this once it loads
                 continue
             try:
                 self._install(name, entry)
@@ -308,8 +309,8 @@ class Lifecycle:
         return self.table.models.get(name)
 
     def _versions(self, name: str) -> Versions:
-        """Raises: ModelNotFoundError: no such model."""
-        return self.table.versions(name)
+        """A model's versions, a lazy one loaded first. Raises: ModelNotFoundError: no such model."""
+        return self.table.loaded_versions(name)
 
     def entry(self, name: str) -> Entry:
         """What this worker serves for a model, as a control file entry."""
@@ -317,6 +318,15 @@ class Lifecycle:
         return {"default": model.default, "versions": {
             v: {"checkpoint": s.source.checkpoint, "sha256": s.sha256, "loaded": s.source.loaded}
             for v, s in model.versions.items()}}
+
+    def _remember(self, name: str, entry: Entry) -> None:
+        """A lazy model not loaded here: what it serves once it loads. Others (not served here): nothing."""
+        if self.table.is_lazy(name):
+            try:
+                self.table.record(name, {v: Source(**fields) for v, fields in entry["versions"].items()},
+                                  entry["default"])
+            except (TypeError, KeyError) as exc:
+                log.error("lifecycle: model '%s': malformed entry: %r", name, exc)
 
     def _install(self, name: str, entry: Entry) -> Versions:
         """Make a control file entry what this worker serves, loading and warming on its inference thread.

@@ -32,6 +32,12 @@ def limit_arenas(count: int = 2) -> None:
         _LIBC.mallopt(M_ARENA_MAX, count)
 
 
+def trim() -> None:
+    """Give freed heap pages back to the OS now (after an evicted model's tensors are freed)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def release_after(pixels: int) -> None:
     """Give freed heap pages back to the OS after an image big enough to have grown the heap."""
     if _LIBC is not None and pixels > TRIM_AFTER_PIXELS:

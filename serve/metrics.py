@@ -22,6 +22,9 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class Metrics:
     """The server's metrics. Values go to this app's own registry, or, under gunicorn, to the shared
     multiprocess directory that every scrape aggregates over all workers."""
@@ -48,6 +51,17 @@ class Metrics:
                                         "this worker has applied", multiprocess_mode="liveall", registry=r)
         self.lifecycle_failures = Counter("serve_lifecycle_failures", "Version changes this worker could not "
                                           "apply (it kept the previous versions)", ["model"], registry=r)
+        # Many models: lazy models loaded on first use and evicted under model_memory_budget, per worker.
+        self.models_loaded = Gauge("serve_models_loaded", "Models loaded in this worker (eager and lazy)",
+                                   multiprocess_mode="liveall", registry=r)
+        self.model_bytes = Gauge("serve_model_bytes", "Bytes a loaded lazy model holds in this worker (0 once "
+                                 "evicted)", ["model"], multiprocess_mode="liveall", registry=r)
+        self.lazy_loads = Counter("serve_lazy_loads", "Lazy model loads (first use, or after an eviction)",
+                                  ["model"], registry=r)
+        self.evictions = Counter("serve_evictions", "Lazy models evicted to stay within model_memory_budget",
+                                 ["model"], registry=r)
+        self.lazy_load_seconds = Histogram("serve_lazy_load_duration_seconds", "Time to load and warm a lazy model",
+                                           ["model"], buckets=LOAD_BUCKETS, registry=r)
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()

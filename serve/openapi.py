@@ -184,10 +184,14 @@ SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-    "Model": {"type": "object", "required": ["name", "architecture", "device", "ready", "input", "num_classes",
-                                             "num_labels", "topk", "checkpoint", "load_time_s"], "properties": {
+    # A lazy model not loaded now has only what its config says: name, architecture, device, task, versions.
+    "Model": {"type": "object", "required": ["name", "architecture", "device", "ready", "loaded", "load", "bytes"],
+              "properties": {
         "name": {"type": "string"}, "architecture": {"type": "string"}, "device": {"type": "string"},
-        "ready": {"type": "boolean"},
+        "ready": {"type": "boolean"}, "loaded": {"type": "boolean"},
+        "load": {"type": "string", "enum": ["eager", "lazy"]}, "pin": {"type": "boolean"},
+        "bytes": {"type": "integer", "description": "what the model holds in this worker once loaded"},
+        "state": {"type": "string", "enum": ["LOADING", "UNAVAILABLE"]},
         "input": {"type": "object", "required": ["shape", "mode"], "properties": {
             "shape": {"type": "array", "items": {"type": "integer"}}, "mode": {"type": "string", "enum": ["RGB", "L"]},
             "resize": {"type": "integer"}, "crop": {"type": "integer"},
@@ -223,10 +227,12 @@ def v2_paths(names: list[str]) -> dict[str, Any]:
             "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
             "platform": {"type": "string"}, "inputs": {"type": "array", "items": tensor_meta},
             "outputs": {"type": "array", "items": tensor_meta}}}),
-        "404": _v2_error("unknown model or version")}}
+        "404": _v2_error("unknown model or version"),
+        "503": _v2_error("a lazy model not loaded now")}}
     ready = {"summary": "Model readiness", "responses": {
         "200": _json({"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}),
-        "404": _v2_error("unknown model or version")}}
+        "404": _v2_error("unknown model or version"),
+        "503": _v2_error("a lazy model not loaded now")}}
     infer = {"summary": "Inference: FP32 [N,C,H,W] tensor 'input' or BYTES [N] encoded images 'image'; "
                         "JSON or the binary tensor extension (Inference-Header-Content-Length)",
              "requestBody": {"required": True, "content": {
@@ -241,8 +247,19 @@ def v2_paths(names: list[str]) -> dict[str, Any]:
                  "404": _v2_error("unknown model or version"),
                  "413": _v2_error("body or image over the limits"),
                  "415": _v2_error("unknown Content-Encoding"),
-                 "503": _v2_error("overloaded or timed out")}}
+                 "503": _v2_error("overloaded, timed out, or a lazy model still loading"),
+                 "507": _v2_error("a lazy model larger than model_memory_budget")}}
+    index = {"summary": "Repository index: every model version and its state (READY, LOADING, UNAVAILABLE)",
+             "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                 "type": "object", "properties": {"ready": {"type": "boolean"}}}}}},
+             "responses": {"200": _json({"type": "array", "items": {
+                 "type": "object", "required": ["name", "version", "state"], "properties": {
+                     "name": {"type": "string"}, "version": {"type": "string"},
+                     "state": {"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]},
+                     "reason": {"type": "string"}}}}),
+                 "400": _v2_error("a body that is not a JSON object")}}
     return {
+        "/v2/repository/index": {"post": index},
         "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {"200": _json(
             {"type": "object", "properties": {"live": {"type": "boolean"}}})}}},
         "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {

@@ -16,6 +16,7 @@ from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
 from serve.preprocess import draft, load_image, open_image, upright_size
 from serve.runtimes import RUNTIMES
+from serve.runtimes.onnx import build_onnx_runtime
 from serve.tasks import TASKS
 from serve.tasks.base import Prepared, describe_output
 
@@ -104,8 +105,6 @@ class Predictor:
         Raises:
             CheckpointError: runtime onnxruntime was asked for and can't serve the model.
         """
-        from serve.runtimes.onnx import build_onnx_runtime
-
         spec = self.spec
         sample = model_input if isinstance(model_input, torch.Tensor) else torch.stack(list(model_input))
         reason = None
@@ -116,7 +115,7 @@ class Predictor:
         else:
             try:
                 self.runtime = build_onnx_runtime(
-                    self.module, sample, rule=self.task.runtime_rule, dynamic_hw=not self.task.fixed_size,
+                    self.module, sample, verify=self.task.verify_runtime, dynamic_hw=not self.task.fixed_size,
                     cache_dir=self.onnx_cache_dir, device=self.loaded.device,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold
                     cache_key_parts={"sha256": self.loaded.sha256, "architecture": spec.architecture,

@@ -1,15 +1,17 @@
-"""Image bytes -> validated PIL image -> normalized tensor, as each model's config describes."""
+"""Image bytes -> validated PIL image -> normalized tensor, as each model's PreprocessSpec (its
+`preprocess:` config) describes."""
 from __future__ import annotations
 
 import io
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
 
 RESAMPLE = {
@@ -22,6 +24,41 @@ RESAMPLE = {
 EXACT_MAX_AREA = 64
 # Modes with more than 8 bits a sample: Pillow's convert("RGB") clips them instead of scaling.
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class PreprocessSpec(BaseModel):
+    """How an uploaded image becomes the model's input tensor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    resize: int = Field(256, gt=0, description="shorter side after resizing, in pixels")
+    crop: int = Field(224, gt=0, description="side of the centre crop, in pixels")
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mode: Literal["RGB", "L"] = "RGB"
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"] = "bilinear"
+    # How a timm eval transform crops (timm folders set these; see serve/formats/timm_folder.py).
+    crop_mode: Literal["center", "squash", "border"] = Field(
+        "center", description="center: shorter side to resize, centre crop; squash: both sides to resize; "
+        "border: longer side to resize, padded with the mean colour")
+    exact: bool = Field(
+        False, description="the same pixels as torchvision's Resize + CenterCrop (timm's eval transform): "
+        "no reduced-scale JPEG decoding, one resampling pass; slower on large photos")
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.mode == "RGB" else 1
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessSpec:
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        for field in ("mean", "std"):
+            if len(getattr(self, field)) != self.channels:
+                raise ValueError(f"{field} needs {self.channels} values for mode {self.mode}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
 
 
 def decode_image(data: bytes, max_pixels: int, mode: str = "RGB", min_side: int | None = None) -> Image.Image:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from serve.access import note
+from serve.response_notes import note
 from serve.errors import InvalidRequestError, NotReadyError
 from serve.http_io import VERSION_HEADER, client_of, client_timeout, read_images
 from serve.lifecycle import Change, Lifecycle, parse_new_version
@@ -44,14 +44,13 @@ def openapi():
 @bp.get("/models")
 def list_models():
     table = service().table
-    return jsonify(models=[table.describe(table.served(name)) for name in table.models])
+    return jsonify(models=[table.describe_model(name) for name in table.wanted])
 
 
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def describe_model(name: str, version: str | None = None):
-    table = service().table
-    return jsonify(table.describe(table.served(name, version)))
+    return jsonify(service().table.describe_model(name, version))
 
 
 # --- management: every worker applies these (serve/lifecycle.py) --------------------------------------

@@ -1,13 +1,16 @@
 """Scheduler: when and how work runs on the process's inference thread (batching, admission, cores)."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+
+import torch
 
 from serve.admission import Deadline, Resends, ServiceTime, retry_after_s
 from serve.batching import Batcher, Lane, make_lane
@@ -51,6 +54,8 @@ class Scheduler:
         self.service_time = ServiceTime()
         self.resends = Resends(settings.shed_hold_ms / 1000)
         self._last_end, self._backlog = 0.0, False  # the inference thread's last batch: when, and was work waiting
+        self._loader: ThreadPoolExecutor | None = None
+        self._loader_pid = 0
 
     @classmethod
     def for_settings(cls, settings: ServerSettings, metrics: Metrics | None = None) -> Scheduler:
@@ -64,6 +69,15 @@ class Scheduler:
         """Run fn(*args) on the inference thread between batches (loading, warm-up); its result.
         The thread's time then is no batch's cost."""
         return self.batcher.call(self._between_batches, fn, args).result()
+
+    def load_soon(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn(*args) on this process's loader thread, beside the inference thread: a lazy model's
+        load doesn't hold up the batches of those loaded. torch runs single-threaded there (thread
+        counts are per thread), so no second OpenMP thread team is ever made (serve/batching.py)."""
+        if self._loader_pid != os.getpid():  # made in the process that loads: threads don't survive fork
+            self._loader = ThreadPoolExecutor(1, "loader", initializer=torch.set_num_threads, initargs=(1,))
+            self._loader_pid = os.getpid()
+        return self._loader.submit(fn, *args)
 
     def _between_batches(self, fn: Callable[..., Any], args: tuple) -> Any:
         self._backlog = False
@@ -180,6 +194,8 @@ class Scheduler:
         return self.batcher.stopped
 
     def close(self) -> None:
+        if self._loader is not None and self._loader_pid == os.getpid():
+            self._loader.shutdown(wait=False, cancel_futures=True)
         self.batcher.stop()
         if self.cores is not None:
             self.cores.stop()

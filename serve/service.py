@@ -7,6 +7,8 @@ Answer back; the service does everything in between, in this order:
     (before the body is read) -> the door reads its inputs -> decode + the task's prepare, per image
     -> the scheduler (admitted again with the image count, batched, run) -> Answer
 
+(a lazy model not loaded now is loaded at the lookup, by the first request that needs it.)
+
 No Flask, HTTP or gRPC in here: what a door needs for its access log (the batch size, the version that
 answered) travels on the Answer.
 """
@@ -116,9 +118,10 @@ class PredictionService:
         self.scheduler = scheduler
 
     @classmethod
-    def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None
-             ) -> PredictionService:
-        """Load and warm every model of the config (or those named).
+    def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None,
+             include_lazy: bool = False) -> PredictionService:
+        """Load and warm every model of the config (or those named); lazy ones only with include_lazy
+        (else on first use).
 
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model; nothing is left running.
@@ -126,7 +129,7 @@ class PredictionService:
         scheduler = Scheduler.for_settings(config.server, metrics)
         table = ModelTable(config, scheduler, metrics)
         try:
-            table.load(names)
+            table.load(names, include_lazy)
         except BaseException:
             scheduler.close()
             raise
@@ -141,28 +144,29 @@ class PredictionService:
 
         Raises:
             ModelNotFoundError: no such model or version.
+            ModelTooLargeError, CheckpointError, ...: a lazy model that doesn't load.
             InvalidRequestError: bad parameters or format, or what the door's read raises.
             InvalidImageError, ImageTooLargeError: an image that can't be decoded, naming which one.
             OverloadedError: refused by admission (before the body is read, or when queued).
             BatchTimeoutError: no answer before the deadline.
         """
-        served = self.table.served(call.model, call.version)
-        task = served.task
-        params = task.parse_params(call.params)
-        answer_format = self._answer_format(served, call.answer_format)
         deadline = self.scheduler.deadline(call.timeout_s, call.timeout_source)
-        self.scheduler.admit(served.name, 1, deadline, call.client)
-        inputs = call.read(served)
-        deadline = deadline.tighter(inputs.timeout_s, inputs.timeout_source)
-        if inputs.params is not None:
-            params = task.parse_params(inputs.params)
-        if inputs.tensor is not None:
-            prepared = None
-            lane, batch = served.lanes.tensors, list(torch.from_numpy(inputs.tensor))
-        else:
-            prepared = [self._prepare(served, data, i, len(inputs.images)) for i, data in enumerate(inputs.images)]
-            lane, batch = served.lanes.images, [p.tensor for p in prepared]
-        outputs, batch_size = self.scheduler.run(served.name, lane, batch, deadline, call.client)
+        with self.table.use(call.model, call.version, deadline) as served:  # a lazy model loads here
+            task = served.task
+            params = task.parse_params(call.params)
+            answer_format = self._answer_format(served, call.answer_format)
+            self.scheduler.admit(served.name, 1, deadline, call.client)
+            inputs = call.read(served)
+            deadline = deadline.tighter(inputs.timeout_s, inputs.timeout_source)
+            if inputs.params is not None:
+                params = task.parse_params(inputs.params)
+            if inputs.tensor is not None:
+                prepared = None
+                lane, batch = served.lanes.tensors, list(torch.from_numpy(inputs.tensor))
+            else:
+                prepared = [self._prepare(served, data, i, len(inputs.images)) for i, data in enumerate(inputs.images)]
+                lane, batch = served.lanes.images, [p.tensor for p in prepared]
+            outputs, batch_size = self.scheduler.run(served.name, lane, batch, deadline, call.client)
         return Answer(served, outputs, prepared, params, answer_format, batch_size)
 
     @staticmethod

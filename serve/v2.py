@@ -7,6 +7,7 @@ Routes (https://kserve.github.io/website/latest/modelserving/data_plane/v2_proto
     GET  /v2                                           {"name", "version", "extensions"}
     GET  /v2/models/<name>[/versions/<v>]              {"name", "versions", "platform", "inputs", "outputs"}
     GET  /v2/models/<name>[/versions/<v>]/ready        200 {"name", "ready": true}; 503 when not warm
+    POST /v2/repository/index                          [{"name", "version", "state", "reason"}] (Triton's)
     POST /v2/models/<name>[/versions/<v>]/infer        inference, below
 
 A model's versions are those configured (`versions:`, "1" for a model without) and those loaded
@@ -61,7 +62,7 @@ from werkzeug.exceptions import (
     RequestEntityTooLarge,
 )
 
-from serve.access import note
+from serve.response_notes import note
 from serve.admission import v2_timeout_s
 from serve.errors import (
     InvalidRequestError,
@@ -160,6 +161,19 @@ def model_metadata(name: str, version: str | None = None):
 @v2.get("/v2/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None):
     return _json({"name": _model(name, version).name, "ready": True})  # served only once warm
+
+
+@v2.post("/v2/repository/index")
+def repository_index():
+    """Triton's repository index: every model version with READY, LOADING or UNAVAILABLE (a lazy
+    model not loaded now, or evicted); {"ready": true} lists only the READY ones."""
+    body = request.get_json(silent=True) if request.get_data() else {}
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the repository index request must be a JSON object, e.g. {\"ready\": true}")
+    rows = service().table.index()
+    if body.get("ready") is True:
+        rows = [row for row in rows if row["state"] == "READY"]
+    return _json([{k: v for k, v in row.items() if v != "" or k != "reason"} for row in rows])
 
 
 @v2.route("/v2/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])

@@ -83,7 +83,7 @@ def test_small_batches_run_single_threaded_and_big_ones_share_the_cores(tmp_path
     from conftest import tiny_model_config
 
     from serve.config import build_config
-    from serve.loader import build_module
+    from serve.formats.state_dict import build_module
     from serve.scheduler import Work
     from serve.service import PredictionService
 

@@ -22,11 +22,12 @@ from PIL import Image
 from models.tiny import TinyCNN
 from serve.app import create_app
 from serve.cli import main
-from serve.config import PreprocessSpec, ServeConfig, build_config
+from serve.config import ServeConfig, build_config
 from serve.errors import CheckpointError, ConfigError
-from serve.formats.packaged import EXPORTED, TORCHSCRIPT, Implied, apply_implied, detect
+from serve.formats.opened import EXPORTED, TORCHSCRIPT, Implied
+from serve.formats.packaged import apply_implied, detect
 from serve.loader import load_model
-from serve.preprocess import build_normalizer, build_transform, decode_image
+from serve.preprocess import PreprocessSpec, build_normalizer, build_transform, decode_image
 
 ARCHIVER = Path(sys.executable).parent / "torch-model-archiver"
 

@@ -13,10 +13,11 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from serve.cli import main
-from serve.config import PreprocessSpec, build_config
+from serve.config import build_config
 from serve.errors import CheckpointError, ConfigError
-from serve.loader import build_module, load_model
-from serve.preprocess import build_normalizer, build_transform, decode_image, draft_side
+from serve.formats.state_dict import build_module
+from serve.loader import load_model
+from serve.preprocess import PreprocessSpec, build_normalizer, build_transform, decode_image, draft_side
 
 ARCH = "test_resnet"
 

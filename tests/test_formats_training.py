@@ -21,7 +21,8 @@ from timm.data import resolve_data_config
 from serve.cli import main
 from serve.config import build_config
 from serve.errors import CheckpointError, ConfigError
-from serve.loader import load_model, read_checkpoint
+from serve.formats.state_dict import read_checkpoint
+from serve.loader import load_model
 
 ARCH = "test_resnet"  # timm's tiny test ResNet: 160 px input, crop_pct 0.95, mean/std 0.5
 

@@ -14,13 +14,8 @@ from models.seed_fcn import MyModel
 from models.tiny import TinyNet
 from serve.config import build_config
 from serve.errors import CheckpointError, ConfigError, DeviceError
-from serve.loader import (
-    build_module,
-    find_state_dict,
-    load_model,
-    read_checkpoint,
-    resolve_device,
-)
+from serve.formats.state_dict import build_module, find_state_dict, read_checkpoint
+from serve.loader import load_model, resolve_device
 
 
 def spec_for(checkpoint, **overrides):

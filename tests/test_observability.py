@@ -77,3 +77,4 @@ def test_metrics_sum_over_gunicorn_workers_and_logs_are_json(tmp_path, tiny_chec
     assert sum(1 for e in access if e["path"] == "/predictions/tiny") == 21
     assert len({e.get("pid") for e in server_logs}) >= 2  # master and workers log JSON too
     assert all(line.startswith("{") for line in Path(log).read_text().splitlines() if line.strip())
+

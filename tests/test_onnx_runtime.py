@@ -1,4 +1,5 @@
-"""serve/runtimes/onnx.py: export, the check against eager, the cache, .onnx files, fork safety."""
+"""serve/runtimes/onnx/ and the tasks' verification rules: export, the check against eager, the cache, .onnx files,
+fork safety."""
 from __future__ import annotations
 
 import errno
@@ -20,8 +21,14 @@ from torch import nn
 from conftest import tiny_net
 from serve.cores import sharing_as
 from serve.errors import ExportError
-from serve.runtimes import onnx as onnx_runtime
-from serve.runtimes.onnx import build_onnx_runtime, compare_outputs, open_onnx_file, read_cached
+from serve.runtimes.onnx import build_onnx_runtime, open_onnx_file
+from serve.runtimes.onnx import cache as onnx_cache
+from serve.runtimes.onnx.cache import read_cached
+from serve.tasks import TASKS
+from serve.tasks.classify import Classify
+from serve.tasks.detect import Detect
+from serve.tasks.embed import Embed
+from serve.tasks.segment import Segment
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = {"sha256": "0" * 64, "architecture": "models.tiny:TinyNet", "kwargs": {"num_classes": 3}, "task": "classify"}
@@ -103,7 +110,7 @@ def test_resnet18_matches_eager(tmp_path):
         eager = module(batch)
     for share in (1, 2):  # the busy workers' share of the cores: the single-threaded session, the 2-thread one
         with sharing_as(share):
-            assert compare_outputs(eager, runtime.forward(batch), "probabilities") is None
+            assert Classify.verify_runtime(eager, runtime.forward(batch)) is None
     assert set(runtime._sessions) == {1, 2}
     assert runtime.describe()["threads"] == 2 and runtime.describe()["load_threads"] == 1
 
@@ -131,12 +138,12 @@ def test_segmentation_with_any_height_and_width(tmp_path):
     torch.manual_seed(0)
     module = SegNet().eval()
     runtime = build_onnx_runtime(module, torch.zeros(1, 3, 16, 16), cache_key_parts=PARTS, cache_dir=tmp_path,
-                                 rule="class_map", dynamic_hw=True)
+                                 verify=Segment.verify_runtime, dynamic_hw=True)
     batch = torch.randn(2, 3, 20, 28)
     out = runtime.forward(batch)
     assert set(out) == {"out"} and out["out"].shape == (2, 4, 20, 28)
     with torch.inference_mode():
-        assert compare_outputs(module(batch), out, "class_map") is None
+        assert Segment.verify_runtime(module(batch), out) is None
 
 
 def test_warm_cache_is_used_without_exporting(tmp_path):
@@ -157,7 +164,7 @@ def test_warm_cache_is_used_without_exporting(tmp_path):
 def foreign_model(tmp_path) -> bytes:
     """A valid ONNX model that belongs to another cache key."""
     build_onnx_runtime(SegNet(), torch.zeros(1, 3, 4, 4), cache_key_parts=PARTS, cache_dir=tmp_path / "other",
-                       rule=None)
+                       verify=None)
     return next((tmp_path / "other").glob("*.onnx")).read_bytes()
 
 
@@ -200,7 +207,7 @@ def read_only(monkeypatch):
         if os.access(path, os.W_OK):  # root
             def refuse(*args, **kwargs):
                 raise OSError(errno.EROFS, "Read-only file system")
-            monkeypatch.setattr(onnx_runtime.tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(onnx_cache.tempfile, "mkstemp", refuse)
     return make
 
 
@@ -236,7 +243,7 @@ def test_onnx_file_with_external_data(tmp_path):
     runtime = open_onnx_file(folder / "resnet.onnx", threads=1)
     batch = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
-        assert compare_outputs(module(batch), runtime.forward(batch), "probabilities") is None
+        assert Classify.verify_runtime(module(batch), runtime.forward(batch)) is None
     assert runtime.describe()["cache"] == "file" and runtime.describe()["export_s"] is None
 
     (folder / "resnet.weights").rename(tmp_path / "elsewhere")
@@ -273,7 +280,7 @@ FORK_SCRIPT = textwrap.dedent("""
     if pid == 0:
         np.save(out_file, runtime.forward(batch).numpy())
         if sys.argv[1] == "parent_first":
-            os._exit(0)  # the parent imported onnxruntime: a normal exit would hang (see the module docstring)
+            os._exit(0)  # the parent imported onnxruntime: a normal exit would hang (docs/runtimes.md, Fork safety)
         sys.exit(0)  # a normal exit, as a gunicorn worker's: atexit, finalizers, C++ static destructors
     deadline = time.monotonic() + 60
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
@@ -309,22 +316,28 @@ def probs(rows):
     return torch.tensor(rows).log()  # logits whose softmax is rows
 
 
-@pytest.mark.parametrize("eager, onnx_out, rule, reason", [
-    (probs([[0.7, 0.2, 0.1]]), probs([[0.7, 0.2, 0.1]]), "probabilities", None),
-    (probs([[0.7, 0.2, 0.1]]), probs([[0.6999, 0.2001, 0.1]]), "probabilities", "max |Δp| 1.0e-04 > 0.0001 (image 0, class 0)"),
-    (probs([[0.5, 0.3, 0.2]]), probs([[0.5, 0.29996, 0.20004]]), "probabilities", None),
+def test_each_task_names_its_rule():
+    """The rule's function name is the name the messages give ("... (probabilities rule)")."""
+    assert {name: task.verify_runtime.__name__ for name, task in TASKS.items()} == {
+        "classify": "probabilities", "embed": "vectors", "segment": "class_map", "detect": "detections"}
+
+
+@pytest.mark.parametrize("eager, onnx_out, task, reason", [
+    (probs([[0.7, 0.2, 0.1]]), probs([[0.7, 0.2, 0.1]]), Classify, None),
+    (probs([[0.7, 0.2, 0.1]]), probs([[0.6999, 0.2001, 0.1]]), Classify, "max |Δp| 1.0e-04 > 0.0001 (image 0, class 0)"),
+    (probs([[0.5, 0.3, 0.2]]), probs([[0.5, 0.29996, 0.20004]]), Classify, None),
     (probs([[0.2, 0.3000001, 0.2999999, 0.1, 0.05, 0.05]]), probs([[0.2, 0.2999999, 0.3000001, 0.1, 0.05, 0.05]]),
-     "probabilities", None),  # a tie may swap
+     Classify, None),  # a tie may swap
     (probs([[0.3, 0.2, 0.15, 0.10002, 0.09998, 0.07, 0.05, 0.03]]),
-     probs([[0.3, 0.2, 0.15, 0.09998, 0.10002, 0.07, 0.05, 0.03]]), "probabilities",
+     probs([[0.3, 0.2, 0.15, 0.09998, 0.10002, 0.07, 0.05, 0.03]]), Classify,
      "top-5 differs for image 0: eager [0, 1, 2, 3, 4], ONNX [0, 1, 2, 4, 3]"),
-    (torch.ones(2, 3), torch.ones(2, 4), "probabilities", "output shape [2, 4] differs from eager [2, 3]"),
-    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0001]]), "vectors", None),
-    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.001]]), "vectors", "max |Δ| 1.0e-03 > 0.0001 x max |eager| = 2.0e-04"),
-    (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), "vectors", "cosine similarity 0.000000 < 0.9999 (image 0)"),
+    (torch.ones(2, 3), torch.ones(2, 4), Classify, "output shape [2, 4] differs from eager [2, 3]"),
+    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.0001]]), Embed, None),
+    (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 2.001]]), Embed, "max |Δ| 1.0e-03 > 0.0001 x max |eager| = 2.0e-04"),
+    (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), Embed, "cosine similarity 0.000000 < 0.9999 (image 0)"),
 ])
-def test_compare_outputs(eager, onnx_out, rule, reason):
-    assert compare_outputs(eager, onnx_out, rule) == reason
+def test_verify_runtime(eager, onnx_out, task, reason):
+    assert task.verify_runtime(eager, onnx_out) == reason
 
 
 def test_compare_segmentation():
@@ -332,9 +345,9 @@ def test_compare_segmentation():
     eager[:, 1] = 1.0
     onnx_out = eager.clone()
     onnx_out[0, 0, 0, :2] = 2.0  # 2 of 2000 pixels: 99.9 % agree, just enough
-    assert compare_outputs({"out": eager}, {"out": onnx_out}, "class_map") is None
+    assert Segment.verify_runtime({"out": eager}, {"out": onnx_out}) is None
     onnx_out[0, 0, 0, 2] = 2.0
-    assert compare_outputs({"out": eager}, {"out": onnx_out}, "class_map") == (
+    assert Segment.verify_runtime({"out": eager}, {"out": onnx_out}) == (
         "image 0: 99.85 % of pixels have the same argmax class (at least 99.9 % needed)")
 
 
@@ -354,7 +367,7 @@ def detections(*rows):
 ])
 def test_compare_detections(onnx_out, reason):
     eager = [detections((10, 10, 50, 50, 3, 0.9), (0, 0, 5, 5, 1, 0.6), (3, 3, 4, 4, 2, 0.2))]
-    assert compare_outputs(eager, [onnx_out], "detections") == reason
+    assert Detect.verify_runtime(eager, [onnx_out]) == reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import tiny_model_config
+from conftest import metric, tiny_model_config
 from servers import ROOT, free_port, wait_ready, without_server_settings
 
 from serve.config import DEFAULT_CONFIG_PATH, build_config, load_config
@@ -118,6 +118,10 @@ def test_serve_answers_the_cat_photo(installed, tmp_path, cat_jpeg):
         assert answer.status_code == 200, answer.text
         assert answer.json()["predictions"][0]["label"] in CATS
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200  # the page, from the wheel
+        # /metrics aggregates the workers' values: prometheus_client was first imported after gunicorn_conf
+        # set PROMETHEUS_MULTIPROC_DIR, as under gunicorn's own command
+        scraped = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert metric(scraped, "serve_requests_total", model="efficientnet_lite0", status="200") == 1
         text = log.read_text()
         assert f"Listening at: http://127.0.0.1:{port}" in text and "preload=True" in text
         assert text.count("Booting worker") == 1

@@ -11,10 +11,9 @@ import torch
 from conftest import image_bytes
 from PIL import Image
 
-from serve.config import PreprocessSpec
 from serve.errors import ImageTooLargeError, InvalidImageError
 from serve.memory import PixelBudget
-from serve.preprocess import build_normalizer, build_transform, decode_image
+from serve.preprocess import PreprocessSpec, build_normalizer, build_transform, decode_image
 
 MAX = 50_000_000
 

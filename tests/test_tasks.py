@@ -219,8 +219,7 @@ def test_embed_an_inner_node_of_a_classifier(tmp_path, make_app, cat_jpeg):
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    from serve.preprocess import build_normalizer, build_transform, decode_image
-    from serve.config import PreprocessSpec
+    from serve.preprocess import PreprocessSpec, build_normalizer, build_transform, decode_image
 
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).eval()

@@ -31,9 +31,9 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
-from serve.formats.packaged import EXPORTED, Opened
+from serve.formats.opened import EXPORTED, Opened
+from serve.formats.state_dict import error_line
 from serve.formats.torchscript import refuse_architecture
-from serve.loader import _first_line
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def read(spec: ModelSpec) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(path)
     except Exception as exc:  # a trusted deserializer of arbitrary content: any failure means unusable
-        raise CheckpointError(f"torch.export program {path} could not be loaded: {_first_line(exc)}") from None
+        raise CheckpointError(f"torch.export program {path} could not be loaded: {error_line(exc)}") from None
 
 
 def training_ops(program: torch.export.ExportedProgram) -> list[str]:
@@ -192,7 +192,7 @@ def open_model(spec: ModelSpec, device: torch.device) -> Opened:
     try:
         module = program.module()
     except Exception as exc:  # trusted program code (guards): any failure means unusable
-        raise CheckpointError(f"{where} could not be turned into a module: {_first_line(exc)}") from None
+        raise CheckpointError(f"{where} could not be turned into a module: {error_line(exc)}") from None
     batches = f"batch {smallest}" if smallest == largest else f"batch {smallest}..{largest or 'any'}"
     return Opened(BatchRange(module, smallest, largest), f"torch.export program ({batches})")
 
@@ -216,7 +216,7 @@ def describe(path: Path) -> list[tuple[str, str]]:
                       f"{root}/data/constants/{model}_constants_config.json")
             configs = [json.loads(archive.read(n)) for n in wanted if n in names]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"torch.export program {path} is unreadable: {_first_line(exc)}") from None
+        raise CheckpointError(f"torch.export program {path} is unreadable: {error_line(exc)}") from None
     graph = program["graph_module"]["graph"]
     signature = program["graph_module"]["signature"]
     inputs = [spec["user_input"]["arg"] for spec in signature["input_specs"] if "user_input" in spec]

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from serve.config import ModelSpec
-from serve.errors import CheckpointError, ConfigError
+from serve.errors import CheckpointError, ConfigError, ExportError
 from serve.formats import exported, safe_globals, torchscript
-from serve.formats.packaged import Implied, Opened
-from serve.loader import _first_line, build_module, find_state_dict, load_weights, read_checkpoint
+from serve.formats.opened import Implied, Opened
+from serve.formats.state_dict import build_module, error_line, find_state_dict, load_weights, read_checkpoint
+from serve.runtimes.onnx import open_onnx_bytes
+from serve.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ HANDLERS = {
 
 
 def task_for(handler: str) -> str:
-    from serve.tasks import TASKS
-
     return next(name for name, task in TASKS.items() if task.torchserve_handler == handler)
 
 
@@ -82,7 +82,7 @@ def read_manifest(archive: zipfile.ZipFile, where: str) -> Manifest:
     try:
         data = json.loads(archive.read(MANIFEST))
     except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"TorchServe archive {where}: {MANIFEST} is unreadable: {_first_line(exc)}") from None
+        raise CheckpointError(f"TorchServe archive {where}: {MANIFEST} is unreadable: {error_line(exc)}") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("handler"), str):
         raise CheckpointError(f"TorchServe archive {where}: {MANIFEST} has no model.handler")
@@ -129,7 +129,7 @@ def read_labels(archive: zipfile.ZipFile, manifest: Manifest, where: str) -> tup
     try:
         mapping = json.loads(archive.read(LABELS_FILE))
     except ValueError as exc:
-        raise CheckpointError(f"{bad} is not JSON ({_first_line(exc)}); set labels: to override it") from None
+        raise CheckpointError(f"{bad} is not JSON ({error_line(exc)}); set labels: to override it") from None
     if isinstance(mapping, dict) and isinstance(mapping.get("object_type_names"), list):
         mapping = {str(i): name for i, name in enumerate(mapping["object_type_names"])}
     if not isinstance(mapping, dict):
@@ -184,9 +184,6 @@ def open_model(spec: ModelSpec, device: torch.device) -> Opened:
         labels = None if "labels" in spec.model_fields_set else read_labels(archive, manifest, spec.checkpoint.name)
         kind = serialized_kind(archive, member)
         if kind == "ONNX":  # served by ONNX Runtime from memory: no file of the archive is written anywhere
-            from serve.errors import ExportError
-            from serve.runtimes.onnx import open_onnx_bytes
-
             torchscript.refuse_architecture(spec, "TorchServe archive holding an ONNX model")
             try:
                 runtime = open_onnx_bytes(archive.read(member), f"{spec.checkpoint.name}:{member}", device)
@@ -264,7 +261,7 @@ def _build_from_model_file(spec: ModelSpec, archive: zipfile.ZipFile, manifest: 
         loader_spec.loader.exec_module(module)
     except Exception as exc:  # the archive's own code: any failure means the model can't be built
         sys.modules.pop(name, None)
-        raise CheckpointError(f"{where}: importing its modelFile '{model_file}' failed: {_first_line(exc)}") from None
+        raise CheckpointError(f"{where}: importing its modelFile '{model_file}' failed: {error_line(exc)}") from None
     classes = [c for c in vars(module).values()
                if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == name]
     if len(classes) != 1:
@@ -274,7 +271,7 @@ def _build_from_model_file(spec: ModelSpec, archive: zipfile.ZipFile, manifest: 
     try:
         return classes[0]()
     except Exception as exc:  # the archive's constructor
-        raise CheckpointError(f"{where}: {classes[0].__name__}() from '{model_file}' failed: {_first_line(exc)}") from None
+        raise CheckpointError(f"{where}: {classes[0].__name__}() from '{model_file}' failed: {error_line(exc)}") from None
 
 
 def defined_classes(archive: zipfile.ZipFile, model_file: str) -> list[str]:

@@ -3,40 +3,18 @@ which one a file is, by its content, reading it, and what it implies about the m
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError
+from serve.formats import exported, mar, torchscript
+from serve.formats.opened import EXPORTED, MAR, TORCHSCRIPT, Implied, Opened
 
-TORCHSCRIPT = "TorchScript"
-EXPORTED = "torch.export program"
-MAR = "TorchServe archive"
-
-
-@dataclass(frozen=True)
-class Implied:
-    """What a checkpoint says about its model; a value the config sets explicitly wins (apply_implied)."""
-
-    task: str | None = None
-    labels: tuple[str, ...] | None = None
-    preprocess: dict[str, Any] = field(default_factory=dict)  # PreprocessSpec fields
-
-
-@dataclass(frozen=True)
-class Opened:
-    """A module read from a self-contained checkpoint, before it is placed on its device; or, for a
-    model only its own runtime runs (ONNX in an archive), that runtime and no module."""
-
-    module: nn.Module | None
-    layout: str
-    implied: Implied = Implied()
-    skipped_keys: tuple[str, ...] = ()
-    runtime: Any = None
+# Each format's reader module, in detection order (an archive first: it may hold the others).
+READERS = {MAR: mar, TORCHSCRIPT: torchscript, EXPORTED: exported}
 
 
 def zip_names(path: Path) -> list[str] | None:
@@ -54,7 +32,7 @@ def detect(path: Path) -> str | None:
     names = zip_names(Path(path))
     if names is None:
         return None
-    return next((kind for kind, reader in _readers().items() if reader.matches(names)), None)
+    return next((kind for kind, reader in READERS.items() if reader.matches(names)), None)
 
 
 def open_model(spec: ModelSpec, device: torch.device) -> Opened | None:
@@ -65,7 +43,7 @@ def open_model(spec: ModelSpec, device: torch.device) -> Opened | None:
         ConfigError: the config doesn't fit what the file holds.
     """
     kind = detect(spec.checkpoint)
-    return None if kind is None else _readers()[kind].open_model(spec, device)
+    return None if kind is None else READERS[kind].open_model(spec, device)
 
 
 def describe(path: Path) -> list[tuple[str, str]] | None:
@@ -76,15 +54,7 @@ def describe(path: Path) -> list[tuple[str, str]] | None:
         CheckpointError: the file is one of these formats but unreadable.
     """
     kind = detect(path)
-    return None if kind is None else [("format", kind), *_readers()[kind].describe(Path(path))]
-
-
-def _readers() -> dict:
-    """Each format's reader module, in detection order (an archive first: it may hold the others).
-    Imported here, not at the top: they import Implied and Opened from this module."""
-    from serve.formats import exported, mar, torchscript
-
-    return {MAR: mar, TORCHSCRIPT: torchscript, EXPORTED: exported}
+    return None if kind is None else [("format", kind), *READERS[kind].describe(Path(path))]
 
 
 def apply_implied(spec: ModelSpec, implied: Implied | None) -> ModelSpec:

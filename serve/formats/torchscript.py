@@ -16,8 +16,8 @@ import torch
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
-from serve.formats.packaged import TORCHSCRIPT, Opened
-from serve.loader import _first_line
+from serve.formats.opened import TORCHSCRIPT, Opened
+from serve.formats.state_dict import error_line
 
 
 def matches(names: list[str]) -> bool:
@@ -40,7 +40,7 @@ def read(source: Path | BinaryIO, device: torch.device | str, where: str) -> tor
     try:
         module = torch.jit.load(source, map_location=device)
     except (RuntimeError, ValueError, OSError, EOFError) as exc:
-        raise CheckpointError(f"TorchScript file {where} could not be loaded: {_first_line(exc)}") from None
+        raise CheckpointError(f"TorchScript file {where} could not be loaded: {error_line(exc)}") from None
     return module.eval()
 
 

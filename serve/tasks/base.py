@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from serve.errors import CheckpointError, InvalidRequestError
+from serve.preprocess import build_normalizer, draft_side
 
 Forward = Callable[[Any], Any]
 
@@ -68,16 +69,12 @@ class Task:
     formats: ClassVar[tuple[str, ...]] = ("json", "torchserve")
     # V2 outputs honour Triton's classification extension (output parameter "classification": K).
     v2_classification: ClassVar[bool] = False
-    # How another runtime's outputs are checked against eager's (serve/runtimes/onnx.py compare_outputs).
-    runtime_rule: ClassVar[str]
     # runtime auto tries ONNX Runtime for this task (runtime: onnxruntime always does).
     auto_export: ClassVar[bool] = True
     # The TorchServe built-in handler this task stands for: a .mar naming it is served as this task.
     torchserve_handler: ClassVar[str | None] = None
 
     def __init__(self, spec, labels: tuple[str, ...] | None, device: torch.device):
-        from serve.preprocess import build_normalizer
-
         self.spec = spec
         self.options = spec.task_options
         self.labels = labels
@@ -113,6 +110,13 @@ class Task:
             f"{describe_output(output)}"
         )
 
+    @staticmethod
+    def verify_runtime(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | None:
+        """Another runtime's output (ONNX Runtime's) against eager's for the same input: None when they
+        agree under this task's rule, else the reason. Each task sets it to a plain function named after
+        its rule (messages say "ONNX output differs from eager (<name> rule)"), with staticmethod."""
+        raise NotImplementedError
+
     # --- the request path ------------------------------------------------------------------------
 
     @property
@@ -122,8 +126,6 @@ class Task:
 
     def decode_sides(self) -> dict[str, int | None]:
         """open_image's reduced-scale JPEG hints: the shorter side needed (min_side), the longer side cap (max_side)."""
-        from serve.preprocess import draft_side
-
         return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
@@ -205,6 +207,31 @@ def describe_output(output: Any) -> str:
         kinds = sorted({f"tensor {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in output})
         return f"a {type(output).__name__} of {len(output)} ({', '.join(kinds)})"
     return f"a {type(output).__name__}"
+
+
+def describe_type(obj: Any) -> str:
+    """An object's type in a few words: a Tensor, a list of ['dict'], a tuple of nothing..."""
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {sorted({type(o).__name__ for o in obj}) or 'nothing'}"
+    return f"a {type(obj).__name__}"
+
+
+def judged_tensors(eager: Any, runtime: Any) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """The tensor a verification rule judges in each output (a tuple's first; a dict's 'out', as
+    torchvision segmentation returns, else its first), float32 on the CPU; and the reason when their
+    shapes differ, else None."""
+    e, o = _main_tensor(eager).float().cpu(), _main_tensor(runtime).float().cpu()
+    if e.shape != o.shape:
+        return e, o, f"output shape {list(o.shape)} differs from eager {list(e.shape)}"
+    return e, o, None
+
+
+def _main_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, Mapping):
+        return output["out"] if "out" in output else next(iter(output.values()))
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
 
 
 def parse_number(args: Mapping[str, str], key: str, kind: type, low: float, high: float) -> Any:

@@ -10,7 +10,12 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
-from serve.tasks.base import Options, Prepared, Result, Task, V2Output, parse_number
+from serve.preprocess import build_transform
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, judged_tensors, parse_number
+
+PROB_TOL = 1e-4
+TIE_TOL = 1e-6
+TOPK = 5
 
 
 class ClassifyOptions(Options):
@@ -30,9 +35,32 @@ class Classification(Result):
     predictions: list[ClassScore]
 
 
+def probabilities(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | None:
+    """Classify's verification rule: softmax probabilities within PROB_TOL (a score map averaged over space
+    first), and the same top-TOPK in the same order for every image, where classes whose eager
+    probabilities are within TIE_TOL (a tie) may change places. None when they agree, else the reason."""
+    e, o, reason = judged_tensors(eager, runtime)
+    if reason is not None:
+        return reason
+    if e.ndim > 2:  # a score map: averaged spatially into class scores, as the predictor does
+        e, o = e.flatten(2).mean(-1), o.flatten(2).mean(-1)
+    e, o = e.softmax(-1), o.softmax(-1)
+    diff = (e - o).abs()
+    if diff.max() > PROB_TOL:
+        image, cls = divmod(int(diff.argmax()), e.shape[-1])
+        return f"max |Δp| {diff.max():.1e} > {PROB_TOL:g} (image {image}, class {cls})"
+    k = min(TOPK, e.shape[-1])
+    for i in range(len(e)):
+        top_e, top_o = e[i].topk(k).indices, o[i].topk(k).indices
+        tie = (e[i][top_e] - e[i][top_o]).abs().max() <= TIE_TOL
+        if not torch.equal(top_e, top_o) and not tie:
+            return f"top-{k} differs for image {i}: eager {top_e.tolist()}, ONNX {top_o.tolist()}"
+    return None
+
+
 class Classify(Task):
     name = "classify"
-    runtime_rule = "probabilities"
+    verify_runtime = staticmethod(probabilities)
     torchserve_handler = "image_classifier"
     Options = ClassifyOptions
     Result = Classification
@@ -40,8 +68,6 @@ class Classify(Task):
 
     def __init__(self, spec, labels, device):
         super().__init__(spec, labels, device)
-        from serve.preprocess import build_transform
-
         self.transform = build_transform(spec.preprocess)
         self.num_classes: int | None = None
 

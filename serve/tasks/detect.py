@@ -14,9 +14,11 @@ from pydantic import Field
 
 from serve.errors import CheckpointError
 from serve.extras import require
-from serve.tasks.base import Options, Prepared, Result, Task, V2Output, padded_tensor, parse_number
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, describe_type, padded_tensor, parse_number
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+SCORE_TOL = 1e-4
+BOX_TOL_PX = 0.01
 
 
 class DetectOptions(Options):
@@ -47,9 +49,34 @@ class Detections(Result):
     detections: list[Detection]
 
 
+def detections(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | None:
+    """Detect's verification rule: per image, the same number of detections scored >= score_threshold,
+    each eager one matched by one of the runtime's with the same label, score within SCORE_TOL and box
+    corners within BOX_TOL_PX pixels. None when they agree, else the reason."""
+    if not isinstance(eager, list) or not isinstance(runtime, list) or len(eager) != len(runtime):
+        return f"expected one detection dict an image, got {describe_type(eager)} and {describe_type(runtime)}"
+    for i, (e, o) in enumerate(zip(eager, runtime)):
+        if not all(k in d for d in (e, o) for k in ("boxes", "labels", "scores")):
+            return f"image {i}: detections need boxes, labels and scores"
+        keep_e, keep_o = e["scores"] >= score_threshold, o["scores"] >= score_threshold
+        if int(keep_e.sum()) != int(keep_o.sum()):
+            return (f"image {i}: {int(keep_e.sum())} detections scored >= {score_threshold:g} in eager, "
+                    f"{int(keep_o.sum())} in ONNX")
+        boxes, labels, scores = (o[k][keep_o].float().cpu() for k in ("boxes", "labels", "scores"))
+        free = list(range(len(scores)))
+        for box, label, score in zip(*(e[k][keep_e].float().cpu() for k in ("boxes", "labels", "scores"))):
+            near = [m for m in free if labels[m] == label and abs(scores[m] - score) <= SCORE_TOL
+                    and (boxes[m] - box).abs().max() <= BOX_TOL_PX]
+            if not near:
+                return (f"image {i}: eager detection (label {int(label)}, score {float(score):.4f}, box "
+                        f"{[round(v, 2) for v in box.tolist()]}) has no ONNX match within {BOX_TOL_PX:g} px")
+            free.remove(min(near, key=lambda m: float((boxes[m] - box).abs().max())))
+    return None
+
+
 class Detect(Task):
     name = "detect"
-    runtime_rule = "detections"
+    verify_runtime = staticmethod(detections)
     # A detector's post-processing is data-dependent: the TorchScript exporter traces it for one image,
     # and a Faster R-CNN export answered other boxes than eager on the cat photo. Only when asked for.
     auto_export = False

@@ -10,9 +10,12 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
-from serve.tasks.base import Options, Prepared, Result, Task, V2Output
+from serve.preprocess import build_transform
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, judged_tensors
 
 NODE_OUTPUT = "embedding"
+EMBED_MIN_COSINE = 0.9999
+EMBED_REL_TOL = 1e-4
 
 
 class EmbedOptions(Options):
@@ -27,17 +30,32 @@ class Embedding(Result):
     dim: int
 
 
+def vectors(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | None:
+    """Embed's verification rule: per image, cosine similarity >= EMBED_MIN_COSINE, and max |difference|
+    <= EMBED_REL_TOL x the largest |eager value|. None when they agree, else the reason."""
+    e, o, reason = judged_tensors(eager, runtime)
+    if reason is not None:
+        return reason
+    e, o = e.flatten(1), o.flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(e, o, dim=1)
+    if cosine.min() < EMBED_MIN_COSINE:
+        return f"cosine similarity {cosine.min():.6f} < {EMBED_MIN_COSINE} (image {int(cosine.argmin())})"
+    limit = EMBED_REL_TOL * float(e.abs().max())
+    worst = float((e - o).abs().max())
+    if worst > limit:
+        return f"max |Δ| {worst:.1e} > {EMBED_REL_TOL:g} x max |eager| = {limit:.1e}"
+    return None
+
+
 class Embed(Task):
     name = "embed"
-    runtime_rule = "vectors"
+    verify_runtime = staticmethod(vectors)
     Options = EmbedOptions
     Result = Embedding
     formats = ("json",)
 
     def __init__(self, spec, labels, device):
         super().__init__(spec, labels, device)
-        from serve.preprocess import build_transform
-
         self.transform = build_transform(spec.preprocess)
         self.dim: int | None = None
 

@@ -18,10 +18,12 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
-from serve.tasks.base import Options, Prepared, Result, Task, V2Output, padded_tensor
+from serve.preprocess import draft_side
+from serve.tasks.base import Options, Prepared, Result, Task, V2Output, judged_tensors, padded_tensor
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 PAD_UINT8 = 255  # V2 masks of several sizes are padded with this (not a class when classes <= 255)
+SEGMENT_MIN_AGREEMENT = 0.999
 
 
 class SegmentOptions(Options):
@@ -58,9 +60,24 @@ class SegmentOutput:
         self.confidence = confidence
 
 
+def class_map(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | None:
+    """Segment's verification rule: at least SEGMENT_MIN_AGREEMENT of each image's pixels have the same
+    argmax class (outputs [batch, classes, height, width]). None when they agree, else the reason."""
+    e, o, reason = judged_tensors(eager, runtime)
+    if reason is not None:
+        return reason
+    if e.ndim != 4:
+        return f"output {list(e.shape)} is not [batch, classes, height, width]"
+    same = (e.argmax(1) == o.argmax(1)).flatten(1).float().mean(1)
+    if same.min() < SEGMENT_MIN_AGREEMENT:
+        return (f"image {int(same.argmin())}: {100 * float(same.min()):.2f} % of pixels have the same argmax "
+                f"class (at least {100 * SEGMENT_MIN_AGREEMENT:g} % needed)")
+    return None
+
+
 class Segment(Task):
     name = "segment"
-    runtime_rule = "class_map"
+    verify_runtime = staticmethod(class_map)
     torchserve_handler = "image_segmenter"
     Options = SegmentOptions
     Result = Segmentation
@@ -90,8 +107,6 @@ class Segment(Task):
         return f"segment, {self.num_classes} classes"
 
     def decode_sides(self) -> dict[str, int | None]:
-        from serve.preprocess import draft_side
-
         return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
