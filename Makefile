@@ -12,8 +12,8 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 
-serve: install
-	$(VENV)/bin/gunicorn -c serve/gunicorn_conf.py "serve.app:create_app()"
+serve: install  # the package's command (ckpt-serve serve): gunicorn with serve/gunicorn_conf.py; gRPC on 8081
+	SERVE_GRPC_PORT=$${SERVE_GRPC_PORT:-8081} $(PY) -m serve serve
 
 test: install
 	$(PY) -m pytest

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from serve.errors import ConfigError, ServeError
+from serve.extras import extra_hint
 from serve.formats.timm_folder import folder_fields, is_model_folder
 from serve.preprocess import PreprocessSpec
 from serve.sources.address import is_remote
@@ -595,7 +596,7 @@ def _resolve_path(value: str, base: Path, model: str, field: str) -> Path:
     package, _, inner = value[len(PACKAGE_SCHEME):].partition("/")
     spec = importlib.util.find_spec(package) if re.fullmatch(r"[A-Za-z_][\w.]*", package) else None
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model '{model}': field '{field}': package '{package}' is not installed")
+        raise ConfigError(f"model '{model}': field '{field}': package '{package}' is not installed{extra_hint(package)}")
     return Path(next(iter(spec.submodule_search_locations))) / inner
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from serve.errors import ConfigError
+from serve.extras import extra_hint
 
 # Plain number dtypes as numpy pickles them: ('f8', False, True), then (3, '<', None, ..., 0).
 _NUMBER_DTYPE = re.compile(r"b1|[iu][1248]|f[248]|c(8|16)")
@@ -180,7 +181,7 @@ def import_reference(reference: str, where: str) -> Any:
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import '{module_name}': {exc}") from None
+        raise ConfigError(f"{where}: cannot import '{module_name}': {exc}{extra_hint(exc.name)}") from None
     for attr in attr_path.split("."):
         if not hasattr(target, attr):
             raise ConfigError(f"{where}: '{module_name}' has no attribute '{attr_path}'")

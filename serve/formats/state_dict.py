@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from serve.errors import CheckpointError, ConfigError
+from serve.extras import require
 from serve.formats import safe_globals, training
 from serve.formats.timm_folder import TIMM_SCHEME, is_model_folder, weights_file
 
@@ -58,6 +59,7 @@ def build_module(architecture: str, kwargs: Mapping[str, Any], model: str = "?")
 
 def _build_timm(name: str, kwargs: Mapping[str, Any], where: str) -> nn.Module:
     """timm.create_model(name, pretrained=False, **kwargs): the weights come from the checkpoint, never a hub."""
+    require("timm", f"{where}: timm:{name}")
     import timm
 
     if kwargs.get("pretrained"):

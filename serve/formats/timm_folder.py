@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.errors import CheckpointError, ConfigError
+from serve.extras import require
 
 # The weights files timm reads from a local folder, in its order of preference (timm.models._hub).
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
@@ -80,6 +81,7 @@ def folder_fields(folder: Path, model: str = "?") -> dict[str, Any]:
         ConfigError: the folder's config can't be served (see read_config; non-square or
             non-RGB input).
     """
+    require("timm", f"model '{model}': a timm / Hugging Face model folder ({folder})")
     from timm.data import resolve_data_config
 
     architecture, model_args, pretrained_cfg = read_config(folder, model)

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
+from serve.errors import CheckpointError
+from serve.extras import require
 from serve.tasks.base import Options, Prepared, Result, Task, V2Output, describe_type, padded_tensor, parse_number
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -91,7 +93,8 @@ class Detect(Task):
         return (self.spec.preprocess.channels, -1, -1)
 
     def check(self, output: Any) -> None:
-        self.split(output, 1)
+        if "masks" in self.split(output, 1)[0]:  # answered as COCO RLE: refuse to start without the encoder
+            require("pycocotools", f"model '{self.spec.name}': detect's instance masks", CheckpointError)
 
     def decode_sides(self) -> dict[str, int | None]:
         return {"min_side": None, "max_side": self.options.max_side}
@@ -175,6 +178,7 @@ class Detect(Task):
 
     def _masks(self, soft: torch.Tensor, prepared: Prepared) -> list[RleMask]:
         """Soft [K, 1, h, w] masks at the model input's size -> COCO RLE at the uploaded image's size."""
+        require("pycocotools", f"model '{self.spec.name}': detect's instance masks", CheckpointError)
         from pycocotools import mask as coco_mask
 
         if not len(soft):

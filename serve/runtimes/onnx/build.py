@@ -13,6 +13,7 @@ from torch import nn
 
 from serve.cores import available_cores
 from serve.errors import ExportError
+from serve.extras import require
 from serve.runtimes.onnx.cache import cache_key, cache_paths, key_parts, read_cached, write_cached
 from serve.runtimes.onnx.export import EXPORTER_PROP, KEY_PROP, LAYOUT_PROP, export_onnx, with_metadata
 from serve.runtimes.onnx.layout import flatten
@@ -43,6 +44,8 @@ def build_onnx_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key_par
     Raises:
         ExportError: the export, the check or the device failed; the message is the reason.
     """
+    for package in ("onnx", "onnxruntime"):
+        require(package, "ONNX Runtime", ExportError)
     device = torch.device(device)
     if device.type == "cuda":
         check_cuda_provider(device)

@@ -8,6 +8,7 @@ import torch
 
 from serve.cores import available_cores
 from serve.errors import ExportError
+from serve.extras import require
 from serve.runtimes.onnx.export import LAYOUT_PROP
 from serve.runtimes.onnx.reasons import first_line
 from serve.runtimes.onnx.session import OnnxRuntime
@@ -23,6 +24,8 @@ def open_onnx_file(path: Path, device: torch.device | str = "cpu", threads: int 
     Raises:
         ExportError: missing file, not ONNX, several inputs, missing or escaping external data.
     """
+    for package in ("onnx", "onnxruntime"):
+        require(package, f"an ONNX checkpoint ({path})", ExportError)
     import onnx
 
     path = Path(path)
@@ -53,6 +56,8 @@ def open_onnx_bytes(data: bytes, name: str, device: torch.device | str = "cpu", 
     Raises:
         ExportError: not ONNX, several inputs, or weights in external files.
     """
+    for package in ("onnx", "onnxruntime"):
+        require(package, f"an ONNX model ({name})", ExportError)
     import onnx
 
     try:
