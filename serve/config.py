@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from serve.errors import ConfigError
-from serve.formats.timm_folder import folder_fields, is_model_folder
+from serve.formats.timm_folder import folder_fields, is_timm_folder
 from serve.preprocess import PreprocessSpec
 from serve.tasks import TASKS
 
@@ -348,7 +348,7 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str]) -> 
         model["runtime"] = env["SERVE_RUNTIME"]
     if isinstance(model.get("checkpoint"), str):
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
-        if is_model_folder(model["checkpoint"]):
+        if is_timm_folder(model["checkpoint"]):  # a transformers folder says its fields when loaded (Implied)
             model = _with_folder_fields(model, name)
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
