@@ -284,9 +284,14 @@ def open_model(spec: ModelSpec, device: torch.device) -> Opened:
     if spec.architecture is not None:
         raise ConfigError(f"model '{spec.name}': field 'architecture': {folder} is a transformers folder, whose "
                           f"config.json names the class; leave architecture (and kwargs) out")
-    own_preprocess = "preprocess" in spec.model_fields_set
-    fields = folder_fields(folder, spec.name, spec.trust_code, own_preprocess)
+    fields = folder_fields(folder, spec.name, spec.trust_code, own_preprocess=True)
     name, task = fields["class"], fields["task"]
+    try:  # the entry's own preprocess fields win one by one (apply_implied)
+        fields["preprocess"] = preprocess_fields(folder, task, spec.name)
+    except ConfigError:
+        if "preprocess" not in spec.model_fields_set:
+            raise
+        fields["preprocess"] = {}  # a processor not reproduced: the entry's preprocess block is all there is
     if "task" in spec.model_fields_set and spec.task != task:
         raise ConfigError(f"model '{spec.name}': field 'task': {folder} holds a {name}, served as task '{task}', "
                           f"not '{spec.task}'")
