@@ -277,3 +277,151 @@ def test_inspect_of_an_auto_map_folder_leaves_a_placeholder_check_refuses(tmp_pa
     assert str(entry["trust_code"]).startswith("<")
     with pytest.raises(ConfigError):
         build_config({"models": [entry]})
+
+
+# --- the embedders -----------------------------------------------------------------------------------
+
+
+def save_clip(folder):
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(vision_config=VIT, projection_dim=16, text_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    model = transformers.CLIPModel(cfg).eval()
+    model.save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return lambda x: model.get_image_features(pixel_values=x).pooler_output  # the projected image embedding
+
+
+def save_siglip(folder):
+    torch.manual_seed(0)
+    cfg = transformers.SiglipConfig(vision_config=VIT, text_config=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    model = transformers.SiglipModel(cfg).eval()
+    model.save_pretrained(folder)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return lambda x: model.get_image_features(pixel_values=x).pooler_output
+
+
+def save_dinov2(folder):
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, mlp_ratio=2)
+    model = transformers.Dinov2Model(cfg).eval()
+    model.save_pretrained(folder)
+    transformers.BitImageProcessor(size={"shortest_edge": 37}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return lambda x: model(pixel_values=x).pooler_output
+
+
+@pytest.mark.parametrize("save, dim", [(save_clip, 16), (save_siglip, 32), (save_dinov2, 32)],
+                         ids=["clip", "siglip", "dinov2"])
+def test_an_image_embedder_answers_its_own_image_embedding(tmp_path, photos, make_app, save, dim):
+    """CLIP's get_image_features, SigLIP's, DINOv2's pooler_output (the layer-normed CLS token): equal
+    within 1e-5 of the largest value on the PIL backend's pixels; unit length with normalize."""
+    folder = tmp_path / "model"
+    embed = save(folder)
+    app = serve_app(make_app, folder)
+    unit = serve_app(make_app, folder, name="unit", task="embed", embed={"normalize": True})
+    for data in photos:
+        with torch.no_grad():
+            want = embed(pixels(folder, data, "pil"))[0]
+        got = torch.tensor(post(app, "hf", data)["embedding"])
+        assert got.shape == (dim,) and (got - want).abs().max() <= 1e-5 * want.abs().max()
+        normalized = torch.tensor(post(unit, "unit", data)["embedding"])
+        assert (normalized - torch.nn.functional.normalize(want, dim=0)).abs().max() <= 1e-5
+    assert app.test_client().get("/models/hf").json["task"]["name"] == "embed"
+
+
+def test_only_the_image_tower_of_a_two_tower_model_is_built(tmp_path):
+    save_clip(tmp_path)
+    spec = build_config({"models": [{"name": "clip", "checkpoint": str(tmp_path), "device": "cpu"}]}).models[0]
+    module = load_model(spec).module
+    assert type(module.model).__name__ == "CLIPVisionModelWithProjection"
+    assert not any(k.startswith("model.text_model") for k in module.state_dict())
+
+
+# --- the segmenter -----------------------------------------------------------------------------------
+
+
+def save_segformer(folder):
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2],
+        num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=3, id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()})
+    model = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    model.save_pretrained(folder)
+    transformers.SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return model
+
+
+SEGMENT_MIN_AGREEMENT = 0.97
+
+
+def test_a_segformer_answers_the_class_map_of_its_own_post_processing(tmp_path, photos, make_app):
+    """The model's input is the processor's (within PIXEL_TOL); its logits are upsampled to the input
+    size (bilinear, as the processor's post_process_semantic_segmentation does to the image size) and
+    the class map scaled to the image nearest-neighbour: at least SEGMENT_MIN_AGREEMENT of the pixels
+    have post_process_semantic_segmentation's class (the rest lie on class borders)."""
+    folder = tmp_path / "seg"
+    model = save_segformer(folder)
+    app = serve_app(make_app, folder)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
+    for data in photos:
+        answer = post(app, "hf", data)
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]["data"]))))
+        image = rgb(data)
+        with torch.no_grad():
+            outputs = model(**processor(image, return_tensors="pt"))
+        want = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
+        assert served.shape == want.shape == (image.height, image.width)
+        agreement = float((served == want).mean())
+        assert agreement >= SEGMENT_MIN_AGREEMENT, agreement
+        assert {c["label"] for c in answer["classes"]} <= set(LABELS.values())
+
+
+# --- the detector ------------------------------------------------------------------------------------
+
+
+def save_detr(folder):
+    torch.manual_seed(0)
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                         out_features=["stage2"])
+    cfg = transformers.DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        num_queries=10, num_labels=3, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    model = transformers.DetrForObjectDetection(cfg).eval()
+    model.save_pretrained(folder)
+    transformers.DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+    return model
+
+
+def test_a_detr_answers_its_own_post_processing_in_the_uploaded_images_pixels(tmp_path, photos, make_app):
+    """Every query (threshold 0) as post_process_object_detection answers it on the default processor's
+    inputs: the same labels, scores within 1e-5, boxes (clamped to the image, as the server answers)
+    within 0.01 px."""
+    folder = tmp_path / "detr"
+    model = save_detr(folder)
+    app = serve_app(make_app, folder)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    for data in photos[:3]:
+        answer = post(app, "hf", data, "?threshold=0")
+        image = rgb(data)
+        with torch.no_grad():
+            outputs = model(**processor(image, return_tensors="pt"))
+        want = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[image.size[::-1]])[0]
+        boxes = want["boxes"].clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.height)
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        order = want["scores"][inside].argsort(descending=True, stable=True)
+        expected = list(zip(want["labels"][inside][order].tolist(), want["scores"][inside][order].tolist(),
+                            boxes[inside][order].tolist()))
+        assert len(answer["detections"]) == len(expected) > 0
+        for got, (label, score, box) in zip(answer["detections"], expected):
+            assert got["index"] == label and got["label"] == LABELS[label]
+            assert abs(got["score"] - score) <= 1e-5
+            assert max(abs(a - b) for a, b in zip(got["box"], box)) <= 0.01, (got["box"], box)
+    assert app.test_client().get("/models/hf").json["task"]["name"] == "detect"
