@@ -425,3 +425,22 @@ def test_a_detr_answers_its_own_post_processing_in_the_uploaded_images_pixels(tm
             assert abs(got["score"] - score) <= 1e-5
             assert max(abs(a - b) for a, b in zip(got["box"], box)) <= 0.01, (got["box"], box)
     assert app.test_client().get("/models/hf").json["task"]["name"] == "detect"
+
+
+def test_trust_code_imports_the_class_auto_map_names(tmp_path, photos, make_app, monkeypatch):
+    """With trust_code, the folder's own class (here a ViT subclass) is imported from the folder and served
+    by its name's family; transformers copies the code into its modules cache (HF_MODULES_CACHE)."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = tmp_path / "mine"
+    model = save_vit(folder)
+    (folder / "modeling_mine.py").write_text(
+        "from transformers import ViTForImageClassification\n\n\n"
+        "class MineForImageClassification(ViTForImageClassification):\n    pass\n")
+    _edit_config(folder, architectures=["MineForImageClassification"],
+                 auto_map={"AutoModelForImageClassification": "modeling_mine.MineForImageClassification"})
+    app = serve_app(make_app, folder, trust_code=True)
+    answer = post(app, "hf", photos[0], "?topk=1")
+    with torch.no_grad():
+        probs = model(pixel_values=pixels(folder, photos[0], "pil")).logits.softmax(-1)[0]
+    assert answer["predictions"][0]["index"] == int(probs.argmax())
+    assert abs(answer["predictions"][0]["probability"] - float(probs.max())) <= PROB_TOL

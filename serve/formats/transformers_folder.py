@@ -25,6 +25,10 @@ from serve.errors import CheckpointError, ConfigError
 from serve.formats.opened import Implied, Opened
 from serve.formats.state_dict import error_line, is_state_dict, read_checkpoint
 from serve.formats.timm_folder import weights_file
+from serve.tasks.classify import Classify
+from serve.tasks.detect import Detect
+from serve.tasks.embed import Embed
+from serve.tasks.segment import Segment
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +100,15 @@ def task_of(name: str, model: str, remote: bool = False) -> str:
 
     where = f"model '{model}': field 'checkpoint'"
     if name in EMBEDDERS:
-        return "embed"
+        return Embed.name
     if name in DETECTORS:
-        return "detect"
+        return Detect.name
     if name in _class_names(modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES) or (
             remote and name.endswith("ForSemanticSegmentation")):
-        return "segment"
+        return Segment.name
     if name in _class_names(modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) or (
             remote and name.endswith("ForImageClassification")):
-        return "classify"
+        return Classify.name
     if not remote and not hasattr(transformers, name):
         raise ConfigError(f"{where}: the folder's model class '{name}' is not one transformers "
                           f"{transformers.__version__} knows")
@@ -160,7 +164,7 @@ def folder_fields(folder: Path, model: str = "?", trust_code: bool = False,
     task = task_of(name, model, remote=bool(cfg.get("auto_map")))
     fields: dict[str, Any] = {"class": name, "task": task}
     labels = labels_of(cfg)
-    if labels is not None and task in ("classify", "detect", "segment"):
+    if labels is not None and task in (Classify.name, Detect.name, Segment.name):
         fields["labels"] = list(labels)
     if not own_preprocess:
         fields["preprocess"] = preprocess_fields(folder, task, model)
@@ -200,7 +204,7 @@ def preprocess_fields(folder: Path, task: str, model: str = "?") -> dict[str, An
     kind = type(processor).__name__
     where = f"model '{model}': field 'checkpoint': {folder / PROCESSOR_FILE} ({kind.removesuffix('Pil')})"
     mean, std = normalisation(processor)
-    if task == "detect":
+    if task == Detect.name:
         if not hasattr(processor, "post_process_object_detection"):
             raise ConfigError(f"{where}: not a detection processor")
         return {"interpolation": RESAMPLE_NAMES.get(int(processor.resample), "bilinear")}
@@ -226,7 +230,7 @@ def preprocess_fields(folder: Path, task: str, model: str = "?") -> dict[str, An
             raise ConfigError(f"{where}: size {size.height} x {size.width} is not square; only square inputs are served")
         fields.update(crop_mode="squash", resize=size.height)
     elif size.shortest_edge and not (size.longest_edge or size.height or size.width):
-        if task == "segment":
+        if task == Segment.name:
             raise ConfigError(f"{where}: size shortest_edge without a crop is not reproduced for segment")
         fields.update(crop_mode="center", resize=size.shortest_edge)
     else:
@@ -238,7 +242,7 @@ def preprocess_fields(folder: Path, task: str, model: str = "?") -> dict[str, An
         if crop.height > fields["resize"]:
             raise ConfigError(f"{where}: crop_size {crop.height} is larger than the resized image ({fields['resize']})")
         fields["crop"] = crop.height
-    elif fields["crop_mode"] == "squash" or task == "segment":
+    elif fields["crop_mode"] == "squash" or task == Segment.name:
         fields["crop"] = fields["resize"]
     else:
         raise ConfigError(f"{where}: no centre crop after a shortest_edge resize (images of any shape); write the "
@@ -500,10 +504,10 @@ class DetrDetections(nn.Module):
 
 def wrap(model: nn.Module, name: str, task: str, folder: Path, spec_name: str) -> nn.Module:
     """The model in its task's convention (see the wrappers above)."""
-    if task == "classify":
+    if task == Classify.name:
         return ClassScores(model).eval()
-    if task == "segment":
+    if task == Segment.name:
         return SegmentationScores(model).eval()
-    if task == "embed":
+    if task == Embed.name:
         return ImageEmbedding(model, EMBEDDERS[name][1]).eval()
     return DetrDetections(model, load_processor(folder, spec_name)).eval()
