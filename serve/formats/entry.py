@@ -15,7 +15,8 @@ import yaml
 
 from serve.errors import CheckpointError, ConfigError
 from serve.formats import training, transformers_folder
-from serve.formats.timm_folder import TIMM_SCHEME, folder_fields, is_model_folder, is_transformers_folder, preprocess_fields
+from serve.formats.timm_folder import (TIMM_SCHEME, folder_fields, is_model_folder, is_transformers_folder,
+                                      preprocess_fields)
 
 ARCHITECTURE_PLACEHOLDER = "<package.module:Class, a torchvision name, or timm:<name>>"
 LABELS_PLACEHOLDER = "<labels.txt, one class name a line>"
