@@ -21,7 +21,7 @@ from pydantic import (
 
 from serve.errors import ConfigError, ServeError
 from serve.extras import extra_hint
-from serve.formats.timm_folder import folder_fields, is_model_folder
+from serve.formats.timm_folder import folder_fields, is_timm_folder
 from serve.preprocess import PreprocessSpec
 from serve.sources.address import is_remote
 from serve.sources.allow import check_pattern
@@ -550,8 +550,8 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str], fet
         model["checkpoint"] = fetch(model["checkpoint"], model.get("sha256"), name, "checkpoint")
     elif isinstance(model.get("checkpoint"), str):
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
-    if isinstance(model.get("checkpoint"), Path) and is_model_folder(model["checkpoint"]):
-        model = _with_folder_fields(model, name)
+    if isinstance(model.get("checkpoint"), Path) and is_timm_folder(model["checkpoint"]):
+        model = _with_folder_fields(model, name)  # a transformers folder says its fields when loaded (Implied)
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
         model["labels"] = _resolve_path(labels, base, name, "labels")

@@ -14,10 +14,11 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError, DeviceError, ExportError
-from serve.formats import safe_globals
+from serve.formats import safe_globals, transformers_folder
 from serve.formats.opened import Implied
 from serve.formats.packaged import open_model
 from serve.formats.state_dict import build_module, find_state_dict, load_weights, read_checkpoint, weights_path
+from serve.formats.timm_folder import is_transformers_folder
 from serve.runtimes.onnx import open_onnx_file
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             elapsed = time.perf_counter() - started
             log.info("model '%s' opened from %s (ONNX) in %.2fs", spec.name, path.name, elapsed)
             return LoadedModel(None, device, "ONNX model", digest, elapsed, runtime=runtime)
-        # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats/packaged.py).
-        opened = open_model(spec, device)
+        # TorchScript, torch.export programs and TorchServe archives carry their model (serve/formats/packaged.py);
+        # a transformers folder's config.json names its class (serve/formats/transformers_folder.py).
+        if is_transformers_folder(spec.checkpoint):
+            opened = transformers_folder.open_model(spec, device)
+        else:
+            opened = open_model(spec, device)
         implied = opened.implied if opened is not None else None
         if opened is not None and opened.runtime is not None:  # ONNX in an archive: no module
             elapsed = time.perf_counter() - started

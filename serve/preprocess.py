@@ -41,6 +41,9 @@ class PreprocessSpec(BaseModel):
     crop_mode: Literal["center", "squash", "border"] = Field(
         "center", description="center: shorter side to resize, centre crop; squash: both sides to resize; "
         "border: longer side to resize, padded with the mean colour")
+    crop_offset: Literal["round", "floor"] = Field(
+        "round", description="where an odd margin puts the centre crop: round, torchvision's CenterCrop "
+        "(half the margin, rounded); floor, Hugging Face image processors' center_crop (rounded down)")
     exact: bool = Field(
         False, description="the same pixels as torchvision's Resize + CenterCrop (timm's eval transform): "
         "no reduced-scale JPEG decoding, one resampling pass; slower on large photos")
@@ -174,9 +177,9 @@ def build_transform(spec: PreprocessSpec) -> Callable[[Image.Image], torch.Tenso
         size = resized_size(spec, *image.size)
         if exact and size[0] * size[1] <= EXACT_MAX_AREA * spec.crop * spec.crop:
             image = image if size == image.size else image.resize(size, resample)
-            image = _crop_or_pad(image, spec.crop, fill[0] if channels == 1 else fill)
+            image = _crop_or_pad(image, spec.crop, fill[0] if channels == 1 else fill, spec.crop_offset)
         else:
-            image = _resize_crop_region(image, size, spec.crop, resample, reducing_gap=None if exact else 3.0)
+            image = _resize_crop_region(image, size, spec.crop, resample, None if exact else 3.0, spec.crop_offset)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         return pixels.view(spec.crop, spec.crop, channels).permute(2, 0, 1)
 
@@ -195,11 +198,13 @@ def resized_size(spec: PreprocessSpec, width: int, height: int) -> tuple[int, in
     return (spec.resize, new_long) if width <= height else (new_long, spec.resize)
 
 
-def _offset(size: int, crop: int) -> int:
+def _offset(size: int, crop: int, rule: str = "round") -> int:
+    if rule == "floor":
+        return (size - crop) // 2  # Hugging Face's center_crop
     return int(round((size - crop) / 2.0))  # torchvision's CenterCrop
 
 
-def _crop_or_pad(image: Image.Image, crop: int, fill) -> Image.Image:
+def _crop_or_pad(image: Image.Image, crop: int, fill, rule: str = "round") -> Image.Image:
     """torchvision's CenterCrop (timm's CenterCropOrPad): pad a side shorter than the crop with `fill`,
     then cut the centred crop."""
     width, height = image.size
@@ -209,16 +214,17 @@ def _crop_or_pad(image: Image.Image, crop: int, fill) -> Image.Image:
         image, (width, height) = padded, padded.size
     if (width, height) == (crop, crop):
         return image
-    left, top = _offset(width, crop), _offset(height, crop)
+    left, top = _offset(width, crop, rule), _offset(height, crop, rule)
     return image.crop((left, top, left + crop, top + crop))
 
 
-def _resize_crop_region(image: Image.Image, size: tuple[int, int], crop: int, resample, reducing_gap) -> Image.Image:
+def _resize_crop_region(image: Image.Image, size: tuple[int, int], crop: int, resample, reducing_gap,
+                        rule: str = "round") -> Image.Image:
     """Resample only the source region that lands in the crop, straight to the crop size: nearly the
     same pixels as resize-then-crop (within one level), without building a 5,120,000 x 256 image for
     a 20000 x 1 one."""
     width, height = image.size
-    left, top = _offset(size[0], crop), _offset(size[1], crop)
+    left, top = _offset(size[0], crop, rule), _offset(size[1], crop, rule)
     if size == image.size:
         return image.crop((left, top, left + crop, top + crop))
     sx, sy = width / size[0], height / size[1]

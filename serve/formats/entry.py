@@ -13,9 +13,10 @@ from typing import Any
 import torch
 import yaml
 
-from serve.errors import CheckpointError
-from serve.formats import training
-from serve.formats.timm_folder import TIMM_SCHEME, folder_fields, is_model_folder, preprocess_fields
+from serve.errors import CheckpointError, ConfigError
+from serve.formats import training, transformers_folder
+from serve.formats.timm_folder import (TIMM_SCHEME, folder_fields, is_model_folder, is_transformers_folder,
+                                      preprocess_fields)
 
 ARCHITECTURE_PLACEHOLDER = "<package.module:Class, a torchvision name, or timm:<name>>"
 LABELS_PLACEHOLDER = "<labels.txt, one class name a line>"
@@ -27,6 +28,8 @@ HEADS = ("fc.weight", "head.fc.weight", "head.weight", "classifier.weight", "cla
 def suggest_entry(path: Path, obj: Any, find_state_dict, safe_globals: tuple[str, ...] = ()) -> list[str]:
     """The lines of one models.yaml entry for `path` (a file already read into `obj`, or a model folder)."""
     lines = [f"# models.yaml entry inferred from {path}; replace every <...>", f"- name: {_name(path)}"]
+    if is_transformers_folder(path):
+        return lines + _transformers_lines(path)
     if is_model_folder(path):
         lines.append(f"  checkpoint: {path}")
         lines.append("  # from the folder's config.json (override any of them here):")
@@ -69,6 +72,33 @@ def suggest_entry(path: Path, obj: Any, find_state_dict, safe_globals: tuple[str
     for key, value in fields.items():
         comment = f"  # {comments[key]}" if key in comments else ""
         lines.append(f"  {key}: {_flow(value)}{comment}")
+    return lines
+
+
+def _transformers_lines(folder: Path) -> list[str]:
+    """A transformers folder's entry: the checkpoint, and what it implies as comments; a trust_code
+    placeholder for a folder whose model is code of its own (auto_map), a preprocess one where its
+    image processor isn't reproduced.
+
+    Raises:
+        ConfigError: the folder's model class is unknown or of a family not served.
+    """
+    name = _name(folder)
+    cfg = transformers_folder.read_json(folder / "config.json", name)
+    lines = [f"  checkpoint: {folder}"]
+    if cfg.get("auto_map"):
+        placeholder = (f"<true only if you trust the folder: config.json's auto_map names its code, "
+                       f"{_flow(cfg['auto_map'])}>")
+        lines.append(f"  trust_code: {_flow(placeholder)}")
+    fields = transformers_folder.folder_fields(folder, name, trust_code=True, own_preprocess=True)
+    try:
+        fields["preprocess"] = transformers_folder.preprocess_fields(folder, fields["task"], name)
+    except ConfigError as exc:
+        placeholder = f"<{{resize, crop, mean, std, interpolation}}: {exc.message.split(': ', 2)[-1]}>"
+        lines.append(f"  preprocess: {_flow(placeholder)}")
+    lines.append("  # from the folder's config.json and preprocessor_config.json (override any of them here):")
+    lines.append(f"  #   task: {fields['task']}   ({fields['class']})")
+    lines += [f"  #   {k}: {_flow(fields[k])}" for k in ("labels", "preprocess") if k in fields]
     return lines
 
 

@@ -1,5 +1,6 @@
 """A timm / Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin, as
-timm.models.save_for_hf writes it): the weights file, and the config fields the folder answers.
+timm.models.save_for_hf writes it): the weights file, and the config fields the folder answers. A
+transformers folder (save_pretrained's config.json) is told apart here and read by transformers_folder.py.
 
 The folder says the architecture, the class count and names, the model's constructor arguments
 and its eval preprocessing (pretrained_cfg); a models.yaml entry then needs only a name and the
@@ -22,7 +23,30 @@ TIMM_SCHEME = "timm:"
 
 
 def is_model_folder(path: Path) -> bool:
+    """A timm or a Hugging Face transformers model folder: config.json beside the weights."""
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def is_transformers_config(cfg: Any) -> bool:
+    """Whether a parsed config.json is transformers' (`architectures` / `model_type`, as save_pretrained
+    writes it) rather than timm's (`architecture`, `pretrained_cfg`, as save_for_hf writes it)."""
+    return (isinstance(cfg, dict) and "architecture" not in cfg and "pretrained_cfg" not in cfg
+            and (isinstance(cfg.get("architectures"), list) or isinstance(cfg.get("model_type"), str)))
+
+
+def is_transformers_folder(path: Path) -> bool:
+    """A model folder whose config.json is transformers'; an unreadable one counts as timm's (whose
+    reader names the problem)."""
+    if not is_model_folder(path):
+        return False
+    try:
+        return is_transformers_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False
+
+
+def is_timm_folder(path: Path) -> bool:
+    return is_model_folder(path) and not is_transformers_folder(path)
 
 
 def weights_file(folder: Path) -> Path:

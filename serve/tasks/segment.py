@@ -2,8 +2,8 @@
 resolution) -> the class of every pixel of the uploaded image, as an 8-bit PNG, and each class's share.
 
 The model sees the whole image (resized so its shorter side is preprocess.resize, the longer side at
-most max_side; normalised; never cropped). Its class map (the argmax over C; with one channel, the
-logit above 0) is scaled back to the uploaded image's size with nearest-neighbour sampling."""
+most max_side; or, with crop_mode squash, both sides to resize; normalised; never cropped). Its class
+map (the argmax over C; with one channel, the logit above 0) is scaled back to the uploaded image's size with nearest-neighbour sampling."""
 from __future__ import annotations
 
 import base64
@@ -18,10 +18,9 @@ from PIL import Image
 from pydantic import Field
 
 from serve.errors import ConfigError
-from serve.preprocess import draft_side
+from serve.preprocess import RESAMPLE, draft_side
 from serve.tasks.base import Options, Prepared, Result, Task, V2Output, judged_tensors, padded_tensor
 
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 PAD_UINT8 = 255  # V2 masks of several sizes are padded with this (not a class when classes <= 255)
 SEGMENT_MIN_AGREEMENT = 0.999
 
@@ -110,11 +109,16 @@ class Segment(Task):
         return {"min_side": draft_side(self.spec.preprocess), "max_side": None}
 
     def prepare(self, image: Image.Image, size: tuple[int, int]) -> Prepared:
+        pre = self.spec.preprocess
         width, height = image.size
-        scale = min(self.spec.preprocess.resize / min(width, height), self.options.max_side / max(width, height))
-        target = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if pre.crop_mode == "squash":  # both sides to resize, as a Hugging Face SegFormer processor does
+            target = (pre.resize, pre.resize)
+        else:
+            scale = min(pre.resize / min(width, height), self.options.max_side / max(width, height))
+            target = (max(1, round(width * scale)), max(1, round(height * scale)))
         if target != image.size:
-            image = image.resize(target, RESAMPLE[self.spec.preprocess.interpolation], reducing_gap=3.0)
+            image = image.resize(target, RESAMPLE[pre.interpolation],
+                                 reducing_gap=None if pre.exact else 3.0)
         tensor, content = padded_tensor(image, self.options.max_aspect)
         return Prepared(tensor, size, (image.width / size[0], image.height / size[1]), content)
 
