@@ -13,6 +13,8 @@ import torch
 from conftest import image_bytes, tiny_model_config, tiny_net, write_config
 from servers import Server, worker_pids
 
+pytestmark = pytest.mark.server
+
 IMAGE = image_bytes((0, 255, 0))
 
 

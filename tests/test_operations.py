@@ -10,11 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 import torch
 from conftest import LABELS, image_bytes, metric, tiny_model_config, write_config
 from servers import Server, worker_pids
 from test_versions import save, sha12
+
+pytestmark = pytest.mark.server
 
 RED = image_bytes((255, 0, 0))
 SWITCH_LIMIT_S = 10

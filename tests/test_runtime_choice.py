@@ -140,6 +140,7 @@ def test_an_onnx_file_is_served_without_a_class(tmp_path):
         create_app(build_config({"models": [{**spec, "runtime": "eager"}]}))
 
 
+@pytest.mark.server
 def test_gunicorn_workers_serve_onnx_runtime_after_the_fork(tmp_path):
     """Preloaded in the master (which never starts ONNX Runtime), two forked workers each start their
     own session before their first request; both answer, and they stop cleanly."""

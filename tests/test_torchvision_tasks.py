@@ -145,6 +145,7 @@ def images_input(images: list[bytes]) -> httpclient.InferInput:
     return httpclient.InferInput("image", [len(images)], "BYTES").set_data_from_numpy(array, binary_data=True)
 
 
+@pytest.mark.server
 def test_v2_detect_pads_boxes_scores_labels_and_counts(triton):
     meta = triton.get_model_metadata("boxes")
     assert meta["parameters"] == {"task": "detect"} and [i["name"] for i in meta["inputs"]] == ["image"]
@@ -156,6 +157,7 @@ def test_v2_detect_pads_boxes_scores_labels_and_counts(triton):
     assert np.allclose(result.as_numpy("scores"), [[0.9], [0]]) and result.as_numpy("labels").tolist() == [[1], [0]]
 
 
+@pytest.mark.server
 def test_v2_segment_masks_at_uploaded_size(triton):
     result = triton.infer("regions", [images_input([png((60, 40), (0, 0, 30, 40)), png((40, 50), (0, 0, 40, 10))])])
     mask = result.as_numpy("mask")
@@ -164,6 +166,7 @@ def test_v2_segment_masks_at_uploaded_size(triton):
     assert (mask[1, :10, :40] == 1).all() and (mask[1, 10:, :40] == 0).all() and (mask[1, :, 40:] == 255).all()
 
 
+@pytest.mark.server
 def test_v2_embed_from_images_and_from_fp32(triton):
     meta = triton.get_model_metadata("colours")
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 3]}]
