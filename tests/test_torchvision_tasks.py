@@ -74,7 +74,12 @@ def test_served_detections_equal_the_model_in_process(served, name, cat_jpeg):
     assert len(detections) == len(expected["scores"]) > 0
     assert [d["index"] for d in detections] == expected["labels"].tolist()
     assert [d["label"] for d in detections] == [categories[i] for i in expected["labels"].tolist()]
-    assert np.allclose([d["score"] for d in detections], expected["scores"].numpy(), atol=1e-6)
+    # The served forward runs on the thread count the server's core share picks (fewer on a busy host),
+    # the in-process one on torch's default: each splits the float32 sums of the convolutions and linear
+    # layers differently, so the same score differs in its last bits (2.4e-6 seen on keypointrcnn, whose
+    # heads add thousands of products). 1e-4 relative / 1e-5 absolute is a few float32 ulps times the
+    # depth of those sums, and well under any difference between two models or two images.
+    assert np.allclose([d["score"] for d in detections], expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
     assert np.allclose([d["box"] for d in detections], expected["boxes"].numpy(), atol=0.006)
     if "masks" in expected:
         for d, soft in zip(detections, expected["masks"]):
