@@ -56,7 +56,11 @@ def served(tmp_path_factory):
         specs.append({"name": name, "task": "segment", "runtime": "eager", "architecture": name,
                       "kwargs": {"weights_backbone": None, "num_classes": 21}, "checkpoint": str(folder / f"{name}.pth"),
                       "device": "cpu", "preprocess": {"resize": SEGMENT_SIDE, "crop": SEGMENT_SIDE, **IMAGENET}})
-    app = create_app(build_config({"models": specs}))
+    # A fixed thread count: without one, each batch takes the share of the cores the host's load leaves
+    # (serve/cores.py), 1 thread on a busy host, while the in-process forwards below run on torch's
+    # default; the float32 sums then differ in their last bits, enough to reorder near-equal boxes or flip
+    # a mask pixel at 0.5. Fixed, the batcher thread runs on torch's default too: the same count.
+    app = create_app(build_config({"models": specs, "server": {"torch_threads": torch.get_num_threads()}}))
     yield app.test_client(), models
     app.extensions["serve"].close()
 
