@@ -21,6 +21,8 @@ from serve.app import create_app
 from serve.config import build_config
 from serve.preprocess import decode_image
 
+pytestmark = pytest.mark.slow
+
 # Random heads score every class near 1/91: keep every box (box_score_thresh 0) and ask with threshold=0.
 # The R-CNNs' own transform is made small so that a forward takes a second, not ten, on 2 cores.
 DETECTORS = {
