@@ -228,14 +228,15 @@ def _kinds_of(args) -> set[str]:
     words = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args or [])
     kinds = set()
     for word in words:
-        name = os.path.basename(os.fsdecode(word)).split()[0] if os.fsdecode(word).strip() else ""
-        if name in _KINDS:
-            kinds.add(_KINDS[name])
+        if isinstance(word, (str, bytes, os.PathLike)):
+            name = (os.path.basename(os.fsdecode(word)).split() or [""])[0]  # a shell line: its command
+            if name in _KINDS:
+                kinds.add(_KINDS[name])
     return kinds
 
 
 def _audit(event: str, args) -> None:
-    if event == "subprocess.Popen" and _running:
+    if event == "subprocess.Popen" and _running:  # args: executable, args, cwd, env
         kinds = _kinds_of(args[1]) | _kinds_of([args[0]] if args[0] else [])
         if "soak" in kinds:
             kinds.add("server")  # the soak script runs its own gunicorn
@@ -262,7 +263,8 @@ def pytest_fixture_setup(fixturedef, request):
 
 def _check_marks(item) -> None:
     started = set(_starts.get(item.nodeid, set()))
-    for defs in item._fixtureinfo.name2fixturedefs.values():
+    info = getattr(item, "_fixtureinfo", None)  # pytest's record of the fixtures a test function uses
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
         if defs:
             started |= _starts.get(_fixture_key(defs[-1]), set())
     missing = started - {mark.name for mark in item.iter_markers()}
