@@ -212,11 +212,11 @@ def test_reload_reads_the_file_again_and_a_request_keeps_the_weights_it_started_
     client = app.test_client()
     before = f"2 {sha12(files['b'])}"
     release = threading.Event()
-    app.extensions["serve"].scheduler.batcher.call(release.wait, 10)
+    batcher = app.extensions["serve"].scheduler.batcher
+    batcher.call(release.wait, 10)
     answers = {}
     inflight = threading.Thread(target=lambda: answers.update(old=post(app.test_client(), "/predictions/tiny/2")))
     inflight.start()
-    batcher = app.extensions["serve"].batcher
     # Its image is queued on version 2's old weights, behind the held call: two items pending.
     wait_until(lambda: batcher.pending == 2, what="the request's image queued behind the held call")
     save(files["b"], 2)  # the file now holds other weights
