@@ -5,7 +5,7 @@ VENV ?= $(HOME)/.cache/serve-venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
 
-.PHONY: install serve test check bench soak wrk
+.PHONY: install serve test test-fast check bench soak wrk
 $(PY):
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }  # no half-made venv that make takes as built
 
@@ -17,6 +17,11 @@ serve: install  # the package's command (ckpt-serve serve): gunicorn with serve/
 
 test: install
 	$(PY) -m pytest
+
+# The fast tier (docs/testing.md): no server process, Docker, browser, soak or slow model; under 2 minutes.
+FAST := not server and not container and not browser and not soak and not slow
+test-fast: install
+	$(PY) -m pytest -m "$(FAST)"
 
 check: install
 	$(PY) -m serve check

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,5 +141,155 @@ def cat_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "server: starts a real gunicorn (tests/servers.py)")
+# --- waiting on conditions -----------------------------------------------------------------------------
+
+
+def wait_until(condition, limit_s: float = 10.0, what: str = "the condition", interval_s: float = 0.01):
+    """Poll condition() until it returns something true, and return that; AssertionError after limit_s.
+
+    The suite waits on conditions, never on a sleep that guesses how long something takes "by now":
+    on a busy machine a guess is too short, on a quiet one it is time wasted."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {limit_s} s")
+        time.sleep(interval_s)
+
+
+MARKED_NET = '''
+from models.tiny import SlowNet
+
+
+class MarkedSlowNet(SlowNet):
+    """SlowNet that appends its batch size to a file as each forward starts: a test sees from outside
+    that a server's worker has an image inside its forward."""
+
+    def __init__(self, num_classes=3, in_channels=3, delay_ms=100.0, started=""):
+        super().__init__(num_classes, in_channels, delay_ms)
+        self.started = started
+
+    def forward(self, x):
+        with open(self.started, "a") as f:
+            f.write(f"{x.shape[0]}\\n")
+        return super().forward(x)
+'''
+
+
+class ForwardLog:
+    """The file a MarkedSlowNet writes as each forward starts (written to `folder` with its module).
+
+    Use `architecture` and `kwargs(delay_ms)` in the model's entry and `env` in the server's; `images()`
+    counts the images that have entered a forward (warm-up included: take a count once the server is
+    ready and wait for more)."""
+
+    architecture = "marked_net:MarkedSlowNet"
+
+    def __init__(self, folder: Path):
+        (folder / "marked_net.py").write_text(MARKED_NET)
+        self.folder = folder
+        self.path = folder / "forwards.log"
+
+    def kwargs(self, delay_ms: float) -> dict:
+        return {"num_classes": 3, "delay_ms": delay_ms, "started": str(self.path)}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": os.pathsep.join(filter(None, [str(self.folder), os.environ.get("PYTHONPATH")]))}
+
+    def images(self) -> int:
+        try:
+            return sum(int(line) for line in self.path.read_text().split())
+        except FileNotFoundError:
+            return 0
+
+    def wait(self, images: int, limit_s: float = 30) -> None:
+        """Until `images` images in all have entered a forward."""
+        wait_until(lambda: self.images() >= images, limit_s, f"{images} images inside a forward")
+
+
+# --- test tiers: what a test starts needs its marker (pytest.ini lists them) ---------------------------
+#
+# Every subprocess a test (or a fixture it uses) starts is seen here (the interpreter's audit event
+# subprocess.Popen): a gunicorn or nginx needs the `server` mark, Docker's tools `container`, Chromium
+# `browser`, the soak script `soak`. A test without the mark fails, so `-m "not server"` (make test-fast)
+# can't run one by mistake. `slow` is for tests slow for other reasons: timing them is the only check.
+
+_KINDS = {"gunicorn": "server", "nginx": "server", "dockerd": "container", "docker": "container",
+          "docker-compose": "container", "debootstrap": "container", "chromedriver": "browser",
+          "chromium": "browser", "soak.py": "soak"}
+_starts: dict[str, set[str]] = {}  # what each test's setup or call, or each fixture's setup, started
+_running: list[str] = []  # the test, then the fixtures being set up (innermost last)
+
+
+def _kinds_of(args) -> set[str]:
+    words = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args or [])
+    kinds = set()
+    for word in words:
+        if isinstance(word, (str, bytes, os.PathLike)):
+            name = (os.path.basename(os.fsdecode(word)).split() or [""])[0]  # a shell line: its command
+            if name in _KINDS:
+                kinds.add(_KINDS[name])
+    return kinds
+
+
+def _audit(event: str, args) -> None:
+    if event == "subprocess.Popen" and _running:  # args: executable, args, cwd, env
+        kinds = _kinds_of(args[1]) | _kinds_of([args[0]] if args[0] else [])
+        if "soak" in kinds:
+            kinds.add("server")  # the soak script runs its own gunicorn
+        if kinds:
+            for key in _running:
+                _starts.setdefault(key, set()).update(kinds)
+
+
+sys.addaudithook(_audit)
+
+
+def _fixture_key(fixturedef) -> str:
+    return f"fixture:{fixturedef.baseid}::{fixturedef.argname}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    _running.append(_fixture_key(fixturedef))
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+def _check_marks(item) -> None:
+    started = set(_starts.get(item.nodeid, set()))
+    info = getattr(item, "_fixtureinfo", None)  # pytest's record of the fixtures a test function uses
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        if defs:
+            started |= _starts.get(_fixture_key(defs[-1]), set())
+    missing = started - {mark.name for mark in item.iter_markers()}
+    if missing:
+        pytest.fail(f"{item.nodeid} starts what needs the mark(s) {sorted(missing)} (pytest.ini): "
+                    f"add them as @pytest.mark.<name> or to the module's pytestmark", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    _running[:] = [item.nodeid]
+    try:
+        result = yield
+    finally:
+        _running.clear()
+    _check_marks(item)  # after a failure, that failure is the report
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    _running[:] = [item.nodeid]
+    try:
+        result = yield
+    finally:
+        _running.clear()
+    _check_marks(item)
+    return result

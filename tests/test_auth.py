@@ -341,6 +341,7 @@ def test_warning_for_a_non_loopback_bind_without_keys(hosts, management, keys, e
 # --- end to end: a real gunicorn, 2 workers ---------------------------------------------------------
 
 
+@pytest.mark.server
 def test_keys_and_rotation_under_gunicorn(tmp_path, tiny_checkpoint):
     keys_file = tmp_path / "api-keys.yaml"
     keys_file.write_text(keys_document())

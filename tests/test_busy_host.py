@@ -14,6 +14,8 @@ from servers import Server
 
 from serve.cores import available_cores
 
+pytestmark = [pytest.mark.server, pytest.mark.soak]
+
 CORES = available_cores()
 
 

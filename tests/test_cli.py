@@ -74,6 +74,7 @@ def test_check_reports_a_broken_model(tmp_path, capsys):
     assert "error: model 'tiny': checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point_predicts_with_the_default_model(tmp_path, cat_jpeg):
     image = tmp_path / "cat.jpg"
     image.write_bytes(cat_jpeg)

@@ -24,6 +24,8 @@ import yaml
 import container
 from servers import ROOT, free_port, without_server_settings
 
+pytestmark = pytest.mark.container
+
 CATS = {"tiger cat", "Egyptian cat", "tabby"}
 # The Secret the manifests mount (torch-serve-api-keys): one key file, a key made for these tests.
 API_KEY = "container-test-key-00000001"

@@ -29,6 +29,8 @@ from serve.formats.packaged import apply_implied, detect
 from serve.loader import load_model
 from serve.preprocess import PreprocessSpec, build_normalizer, build_transform, decode_image
 
+pytestmark = pytest.mark.slow
+
 ARCHIVER = Path(sys.executable).parent / "torch-model-archiver"
 
 

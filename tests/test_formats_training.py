@@ -258,6 +258,7 @@ def lightning_run(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_lightning_checkpoint_serves_with_its_prefix_stripped(lightning_run, photos, capsys, caplog):
     path, model = lightning_run["plain"]
     entry = entry_from_inspect(path, capsys)
@@ -272,6 +273,7 @@ def test_lightning_checkpoint_serves_with_its_prefix_stripped(lightning_run, pho
     assert load_model(spec).layout == "dict entry 'state_dict', prefix 'model.' stripped"
 
 
+@pytest.mark.slow
 def test_lightning_module_with_other_keys_needs_strip_prefix(lightning_run):
     path, model = lightning_run["buffer"]
     entry = {"name": "buffer", "architecture": f"timm:{ARCH}", "kwargs": {"num_classes": 10}, "checkpoint": str(path),
@@ -283,6 +285,7 @@ def test_lightning_module_with_other_keys_needs_strip_prefix(lightning_run):
     assert torch.equal(loaded.module.fc.weight, model.fc.weight)
 
 
+@pytest.mark.slow
 def test_lightning_hyper_parameters_holding_code_are_refused(lightning_run):
     path, _ = lightning_run["evil"]
     with pytest.raises(CheckpointError, match="this is a Lightning checkpoint: such objects usually sit in hyper_parameters"):

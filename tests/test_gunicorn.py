@@ -10,6 +10,8 @@ import requests
 from conftest import expected_probs, image_bytes, tiny_model_config, write_config
 from servers import GUNICORN, ROOT, Server, free_port, worker_pids
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):

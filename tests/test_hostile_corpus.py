@@ -17,6 +17,8 @@ import pytest
 import requests
 from servers import ROOT, Server, worker_pids
 
+pytestmark = pytest.mark.server
+
 MODEL = "efficientnet_lite0"
 WORKERS = 2
 REQUEST_TIMEOUT_S = 30

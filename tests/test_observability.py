@@ -7,6 +7,7 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
 import requests
 
 from conftest import image_bytes, metric, tiny_model_config, write_config
@@ -52,6 +53,7 @@ def test_request_id_is_echoed_or_made_and_logged_as_json(client, caplog):
     assert any(line["request_id"] == made.headers["X-Request-ID"] and line["path"] == "/ping" for line in lines)
 
 
+@pytest.mark.server
 def test_metrics_sum_over_gunicorn_workers_and_logs_are_json(tmp_path, tiny_checkpoint):
     config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint)])
     log = tmp_path / "gunicorn.log"

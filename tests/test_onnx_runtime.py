@@ -100,6 +100,7 @@ def test_use_threads_pinned_gives_one_session_and_shared_gives_a_second_single_t
     assert runtime.load_threads == (1 if available_cores() > 1 else None)
 
 
+@pytest.mark.slow
 def test_resnet18_matches_eager(tmp_path):
     torch.manual_seed(0)
     module = torchvision.models.resnet18(weights=None, num_classes=10).eval()
@@ -115,6 +116,7 @@ def test_resnet18_matches_eager(tmp_path):
     assert runtime.describe()["threads"] == 2 and runtime.describe()["load_threads"] == 1
 
 
+@pytest.mark.slow
 def test_an_op_without_onnx_form_is_a_reason(tmp_path):
     with pytest.raises(ExportError) as caught:
         build_onnx_runtime(MatrixExp(), torch.rand(1, 3, 4, 4), cache_key_parts=PARTS, cache_dir=tmp_path)
@@ -228,6 +230,7 @@ def test_warm_read_only_cache_is_read(tmp_path, read_only):
     assert build_tiny(tmp_path).describe()["cache"] == "hit"
 
 
+@pytest.mark.slow
 def test_onnx_file_with_external_data(tmp_path):
     torch.manual_seed(0)
     module = torchvision.models.resnet18(weights=None, num_classes=10).eval()
@@ -298,6 +301,7 @@ FORK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["child_only", "parent_first"])
 def test_fork_safety(tmp_path, mode):
     """Built in a parent, run in a forked child: the child makes its own session, answers as the parent does

@@ -47,6 +47,7 @@ def test_document_lists_reload_where_management_is_on(make_app):
     assert documented == served and "POST /models/{name}/reload" in documented
 
 
+@pytest.mark.slow
 def test_api_conforms_to_its_schema(live_app):
     """Every operation, fuzzed by schemathesis: no 5xx, every answer in its documented shape and status."""
     schema = schemathesis.openapi.from_wsgi("/openapi.json", live_app)

@@ -10,11 +10,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 import torch
-from conftest import LABELS, image_bytes, metric, tiny_model_config, write_config
+from conftest import LABELS, ForwardLog, image_bytes, metric, tiny_model_config, wait_until, write_config
 from servers import Server, worker_pids
 from test_versions import save, sha12
+
+pytestmark = pytest.mark.server
 
 RED = image_bytes((255, 0, 0))
 SWITCH_LIMIT_S = 10
@@ -41,6 +44,13 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(60)
+
+    def wait_answers(self, count: int = 20, after: float = 0.0) -> None:
+        """Until `count` requests sent after `after` (time.monotonic()) have their outcome (30 s at most)."""
+        def answered() -> bool:
+            with self.lock:
+                return sum(1 for begin, *_ in self.results if begin > after) >= count
+        wait_until(answered, 30, f"{count} answers")
 
     def _client(self):
         while (not self.stop.is_set() and time.monotonic() - self.started < self.limit_s
@@ -89,7 +99,7 @@ def test_rollout_reload_and_rollback_under_load_fail_nothing(tmp_path):
         expected_label = {v1: "red", v2: "blue"}
         switched: list[tuple[float, float, str]] = []  # (call made, every worker serves it, the version)
         with Load(f"{server.url}/predictions/tiny") as load:
-            time.sleep(1.5)
+            load.wait_answers()  # served by version 1 before the rollout
             began = time.monotonic()
             answer = requests.post(f"{url}/versions", json={"version": "2", "checkpoint": "b.pth", "default": True}, timeout=30)
             assert answer.status_code == 201, answer.text
@@ -97,7 +107,7 @@ def test_rollout_reload_and_rollback_under_load_fail_nothing(tmp_path):
             assert answer.json()["rollout"] == {"generation": 1, "workers": 2, "switched": 2, "failed": 0}
             assert all(g == 1 for g in generations(server.url, pids).values())
             switched.append((began, time.monotonic(), v2))
-            time.sleep(1.0)
+            load.wait_answers(after=switched[-1][1])  # requests sent once every worker serves it
             save(b, 2)  # new weights in version 2's file, then a reload: every worker reads them again
             v2c = f"2 {sha12(b)}"
             expected_label[v2c] = LABELS[1]  # shift 2: class 1 scores the red channel
@@ -106,13 +116,13 @@ def test_rollout_reload_and_rollback_under_load_fail_nothing(tmp_path):
             assert answer.status_code == 200 and answer.json()["rollout"]["switched"] == 2
             wait_all_workers(server.url, pids, 2)
             switched.append((began, time.monotonic(), v2c))
-            time.sleep(1.0)
+            load.wait_answers(after=switched[-1][1])
             began = time.monotonic()
             answer = requests.put(f"{url}/versions/1/set-default", timeout=30)  # rollback
             assert answer.status_code == 200 and answer.json()["rollout"]["switched"] == 2
             wait_all_workers(server.url, pids, 3)
             switched.append((began, time.monotonic(), v1))
-            time.sleep(1.0)
+            load.wait_answers(after=switched[-1][1])
         results = load.results
         failed = [r for r in results if r[2] != 200]
         print(f"rollout under load: {len(results)} requests, {len(failed)} failed; every worker serving it after "
@@ -142,9 +152,14 @@ def test_a_worker_started_later_serves_the_current_versions(tmp_path):
                                                                            "default": True}, timeout=30)
         assert answer.status_code == 201
         wait_all_workers(server.url, pids, 1)
-        os.kill(min(pids), signal.SIGKILL)
-        time.sleep(0.5)
-        fresh = worker_pids(server.proc.pid, expected=2)
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> set[int] | None:  # the master has reaped the victim and forked another worker
+            now = worker_pids(server.proc.pid)
+            return now if victim not in now and len(now) == 2 else None
+
+        fresh = wait_until(replaced, 30, "a new worker in the killed one's place")
         assert min(pids) not in fresh
         wait_all_workers(server.url, fresh, 1)  # the new worker applied the control file before serving
         versions = {requests.post(f"{server.url}/predictions/tiny", data=RED, timeout=10,
@@ -155,12 +170,15 @@ def test_a_worker_started_later_serves_the_current_versions(tmp_path):
         assert server.stop() == 0
 
 
-def slow_config(folder: Path, delay_ms: float, **server) -> Path:
+def slow_config(folder: Path, delay_ms: float, forwards: ForwardLog | None = None, **server) -> Path:
+    """SlowNet's config; with `forwards`, its MarkedSlowNet, which logs each forward's start there."""
     from conftest import tiny_net
 
     torch.save(tiny_net().state_dict(), folder / "slow.pth")
     spec = tiny_model_config(Path("slow.pth"), name="slow", architecture="models.tiny:SlowNet",
                              kwargs={"num_classes": 3, "delay_ms": delay_ms}, max_batch_size=1)
+    if forwards is not None:
+        spec.update(architecture=forwards.architecture, kwargs=forwards.kwargs(delay_ms))
     return write_config(folder, [spec], **server)
 
 
@@ -249,8 +267,10 @@ def test_tritonclient_timeout_is_the_request_deadline(tmp_path):
     from tritonclient.utils import InferenceServerException
 
     # One worker, 500 ms an image: while one request runs, the next would wait about that long.
-    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 500, max_queue_wait_ms=60_000)),
-                     "WEB_CONCURRENCY": "1"}, tmp_path / "g.log")
+    forwards = ForwardLog(tmp_path)
+    server = Server({"SERVE_CONFIG": str(slow_config(tmp_path, 500, forwards=forwards, max_queue_wait_ms=60_000)),
+                     "WEB_CONCURRENCY": "1", **forwards.env}, tmp_path / "g.log")
+    warm_up = forwards.images()  # the forwards the worker ran before it was ready
     triton = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=30.0)
     try:
         image = httpclient.InferInput("image", [1], "BYTES")
@@ -258,7 +278,7 @@ def test_tritonclient_timeout_is_the_request_deadline(tmp_path):
         busy = threading.Thread(target=lambda: requests.post(f"{server.url}/predictions/slow", data=RED, timeout=30,
                                                              headers={"Content-Type": "image/png"}))
         busy.start()
-        time.sleep(0.3)  # its forward is running (if not, the next request times out at 200 ms instead)
+        forwards.wait(warm_up + 1)  # its forward is running (if not, the next request times out at 200 ms instead)
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as refused:
             triton.infer("slow", [image], timeout=200_000)  # 200 ms, in microseconds

@@ -144,6 +144,8 @@ def page_ready(driver, url: str) -> None:
     WebDriverWait(driver, WAIT_S).until(lambda d: by_id(d, "model").is_enabled())
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_cat_photo_and_a_bad_file_in_chromium(browser, live_server, cat_file, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -206,6 +208,8 @@ if (kind === "drop") {
 """
 
 
+@pytest.mark.browser
+@pytest.mark.server
 @pytest.mark.parametrize("kind", ["drop", "paste"])
 def test_drop_and_paste_in_chromium(browser, live_server, cat_file, kind):
     import base64
@@ -221,6 +225,8 @@ def test_drop_and_paste_in_chromium(browser, live_server, cat_file, kind):
     assert "dragging" not in by_id(browser, "dropzone").get_attribute("class")
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_phone_width_and_topk_in_chromium(browser, live_server, cat_file, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -264,6 +270,8 @@ def keyed_server(tmp_path_factory):
     assert server.stop() == 0
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_page_asks_for_an_api_key_on_401(browser, keyed_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -329,6 +337,8 @@ def overlay_pixel(driver, x: int, y: int) -> list[int]:
         x, y)
 
 
+@pytest.mark.browser
+@pytest.mark.server
 def test_boxes_mask_and_embedding_in_chromium(browser, task_server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait

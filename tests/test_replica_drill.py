@@ -14,9 +14,10 @@ from servers import ROOT
 
 NGINX = "/usr/sbin/nginx"
 
-pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK),
-                                reason=f"{NGINX} is missing: the replica drill needs Debian's nginx "
-                                       "(apt-get install -y nginx)")
+pytestmark = [pytest.mark.server, pytest.mark.soak,
+              pytest.mark.skipif(not os.access(NGINX, os.X_OK),
+                                 reason=f"{NGINX} is missing: the replica drill needs Debian's nginx "
+                                        "(apt-get install -y nginx)")]
 
 
 def load_drill():

@@ -36,6 +36,7 @@ def photos() -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow
 def test_default_model_on_onnx_runtime_answers_as_eager_on_real_photos(tmp_path):
     """The pretrained EfficientNet-Lite0, auto (ONNX Runtime) against eager: top-5 identical, probabilities within 1e-4."""
     answers = {}
@@ -87,6 +88,7 @@ def test_auto_serves_onnx_runtime_and_the_next_start_reads_the_cache(tmp_path):
     assert len(list(cache.glob("*.onnx"))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, reason", [
     (MatrixExp, "linalg_matrix_exp"),
     (Branchy, "ONNX output differs from eager (probabilities rule)"),
@@ -140,6 +142,7 @@ def test_an_onnx_file_is_served_without_a_class(tmp_path):
         create_app(build_config({"models": [{**spec, "runtime": "eager"}]}))
 
 
+@pytest.mark.server
 def test_gunicorn_workers_serve_onnx_runtime_after_the_fork(tmp_path):
     """Preloaded in the master (which never starts ONNX Runtime), two forked workers each start their
     own session before their first request; both answer, and they stop cleanly."""

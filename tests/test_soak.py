@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from servers import ROOT
+
+pytestmark = [pytest.mark.soak, pytest.mark.server]
 
 
 def test_short_soak_serves_everything_and_keeps_every_worker(tmp_path):

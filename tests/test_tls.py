@@ -95,6 +95,7 @@ def peer(port: int, cafile: Path, **client) -> tuple[str, str]:
         return tls.version(), subject["commonName"]
 
 
+@pytest.mark.server
 def test_a_client_that_trusts_the_ca_gets_answers(server, ca):
     answer = requests.post(f"{server.url}/predictions/tiny", data=image_bytes((0, 255, 0)),
                            headers={"Content-Type": "image/png"}, verify=str(ca.cert), timeout=10)
@@ -105,6 +106,7 @@ def test_a_client_that_trusts_the_ca_gets_answers(server, ca):
     assert peer(server.port, ca.cert, max_version=ssl.TLSVersion.TLSv1_2)[0] == "TLSv1.2"  # the default minimum
 
 
+@pytest.mark.server
 def test_a_client_that_does_not_trust_the_ca_is_refused(server, other_ca):
     with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
         requests.get(f"{server.url}/ping", timeout=5)  # the system's CAs
@@ -112,6 +114,7 @@ def test_a_client_that_does_not_trust_the_ca_is_refused(server, other_ca):
         requests.get(f"{server.url}/ping", verify=str(other_ca.cert), timeout=5)
 
 
+@pytest.mark.server
 def test_plain_http_to_the_tls_port_gets_no_answer(server):
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://127.0.0.1:{server.port}/ping", timeout=5)
@@ -126,6 +129,7 @@ def healthcheck() -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.mark.server
 def test_the_images_healthcheck_speaks_https_when_tls_is_on(server, folder):
     env = {**os.environ, "PORT": str(server.port)}
     env.pop("SERVE_TLS_CERT_FILE", None)
@@ -136,6 +140,7 @@ def test_the_images_healthcheck_speaks_https_when_tls_is_on(server, folder):
     assert tls.returncode == 0, tls.stderr
 
 
+@pytest.mark.server
 def test_a_renewed_certificate_is_served_without_a_restart(server, ca, folder):
     pid = server.proc.pid
     cert, _ = install(ca.issue("server-renewed"), folder / "server")
@@ -149,6 +154,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(server, ca, folder):
     assert server.proc.pid == pid and server.proc.poll() is None
 
 
+@pytest.mark.server
 def test_client_certificates_when_a_ca_is_configured(mtls_server, ca, other_ca, folder):
     assert requests.get(f"{mtls_server.url}/ready", timeout=5, **mtls_server.tls).status_code == 200
     assert peer(mtls_server.port, ca.cert, cert=mtls_server.tls["cert"])[0] == "TLSv1.3"
@@ -162,6 +168,7 @@ def test_client_certificates_when_a_ca_is_configured(mtls_server, ca, other_ca, 
         peer(mtls_server.port, ca.cert, cert=mtls_server.tls["cert"], max_version=ssl.TLSVersion.TLSv1_2)
 
 
+@pytest.mark.server
 def test_gunicorn_refuses_to_start_with_a_key_that_does_not_fit(ca, model_config, tmp_path):
     first, second = ca.issue("one"), ca.issue("two")
     env = {**os.environ, "SERVE_CONFIG": str(model_config), "PORT": str(free_port()), "SERVE_HOST": "127.0.0.1",
@@ -194,6 +201,7 @@ def handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext) ->
     raise AssertionError("handshake did not finish")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("minimum,client_max,expected", [
     ("1.2", ssl.TLSVersion.TLSv1_2, "TLSv1.2"),
     ("1.2", ssl.TLSVersion.TLSv1_3, "TLSv1.3"),

@@ -21,6 +21,8 @@ from serve.app import create_app
 from serve.config import build_config
 from serve.preprocess import decode_image
 
+pytestmark = pytest.mark.slow
+
 # Random heads score every class near 1/91: keep every box (box_score_thresh 0) and ask with threshold=0.
 # The R-CNNs' own transform is made small so that a forward takes a second, not ten, on 2 cores.
 DETECTORS = {
@@ -56,7 +58,11 @@ def served(tmp_path_factory):
         specs.append({"name": name, "task": "segment", "runtime": "eager", "architecture": name,
                       "kwargs": {"weights_backbone": None, "num_classes": 21}, "checkpoint": str(folder / f"{name}.pth"),
                       "device": "cpu", "preprocess": {"resize": SEGMENT_SIDE, "crop": SEGMENT_SIDE, **IMAGENET}})
-    app = create_app(build_config({"models": specs}))
+    # A fixed thread count: without one, each batch takes the share of the cores the host's load leaves
+    # (serve/cores.py), 1 thread on a busy host, while the in-process forwards below run on torch's
+    # default; the float32 sums then differ in their last bits, enough to reorder near-equal boxes or flip
+    # a mask pixel at 0.5. Fixed, the batcher thread runs on torch's default too: the same count.
+    app = create_app(build_config({"models": specs, "server": {"torch_threads": torch.get_num_threads()}}))
     yield app.test_client(), models
     app.extensions["serve"].close()
 
@@ -74,7 +80,12 @@ def test_served_detections_equal_the_model_in_process(served, name, cat_jpeg):
     assert len(detections) == len(expected["scores"]) > 0
     assert [d["index"] for d in detections] == expected["labels"].tolist()
     assert [d["label"] for d in detections] == [categories[i] for i in expected["labels"].tolist()]
-    assert np.allclose([d["score"] for d in detections], expected["scores"].numpy(), atol=1e-6)
+    # The served forward runs on the thread count the server's core share picks (fewer on a busy host),
+    # the in-process one on torch's default: each splits the float32 sums of the convolutions and linear
+    # layers differently, so the same score differs in its last bits (2.4e-6 seen on keypointrcnn, whose
+    # heads add thousands of products). 1e-4 relative / 1e-5 absolute is a few float32 ulps times the
+    # depth of those sums, and well under any difference between two models or two images.
+    assert np.allclose([d["score"] for d in detections], expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
     assert np.allclose([d["box"] for d in detections], expected["boxes"].numpy(), atol=0.006)
     if "masks" in expected:
         for d, soft in zip(detections, expected["masks"]):
@@ -145,6 +156,7 @@ def images_input(images: list[bytes]) -> httpclient.InferInput:
     return httpclient.InferInput("image", [len(images)], "BYTES").set_data_from_numpy(array, binary_data=True)
 
 
+@pytest.mark.server
 def test_v2_detect_pads_boxes_scores_labels_and_counts(triton):
     meta = triton.get_model_metadata("boxes")
     assert meta["parameters"] == {"task": "detect"} and [i["name"] for i in meta["inputs"]] == ["image"]
@@ -156,6 +168,7 @@ def test_v2_detect_pads_boxes_scores_labels_and_counts(triton):
     assert np.allclose(result.as_numpy("scores"), [[0.9], [0]]) and result.as_numpy("labels").tolist() == [[1], [0]]
 
 
+@pytest.mark.server
 def test_v2_segment_masks_at_uploaded_size(triton):
     result = triton.infer("regions", [images_input([png((60, 40), (0, 0, 30, 40)), png((40, 50), (0, 0, 40, 10))])])
     mask = result.as_numpy("mask")
@@ -164,6 +177,7 @@ def test_v2_segment_masks_at_uploaded_size(triton):
     assert (mask[1, :10, :40] == 1).all() and (mask[1, 10:, :40] == 0).all() and (mask[1, :, 40:] == 255).all()
 
 
+@pytest.mark.server
 def test_v2_embed_from_images_and_from_fp32(triton):
     meta = triton.get_model_metadata("colours")
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 3]}]

@@ -101,11 +101,13 @@ def classification_strings(probs: np.ndarray, k: int) -> list[list[str]]:
 # --- health and metadata through tritonclient ----------------------------------------------------------
 
 
+@pytest.mark.server
 def test_server_live_and_ready(triton):
     assert triton.is_server_live() is True
     assert triton.is_server_ready() is True
 
 
+@pytest.mark.server
 def test_server_metadata(triton):
     meta = triton.get_server_metadata()
     assert meta == {"name": "torch-serve", "version": meta["version"],
@@ -113,6 +115,7 @@ def test_server_metadata(triton):
     assert isinstance(meta["version"], str) and meta["version"]
 
 
+@pytest.mark.server
 def test_model_metadata(triton):
     expected = {
         "name": "tiny",
@@ -129,6 +132,7 @@ def test_model_metadata(triton):
     assert triton.get_model_metadata("tiny", model_version="1") == expected
 
 
+@pytest.mark.server
 def test_model_ready(triton):
     assert triton.is_model_ready("tiny") is True
     assert triton.is_model_ready("tiny", model_version="1") is True
@@ -139,6 +143,7 @@ def test_model_ready(triton):
 # --- inference through tritonclient ----------------------------------------------------------------------
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("binary_in", [False, True], ids=["json-in", "binary-in"])
 @pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
 def test_fp32_tensor_inference_is_exact(triton, binary_in, binary_out):
@@ -158,6 +163,7 @@ def test_fp32_tensor_inference_is_exact(triton, binary_in, binary_out):
     assert ("parameters" in output) is binary_out and ("data" in output) is not binary_out
 
 
+@pytest.mark.server
 def test_fp32_with_default_outputs_and_a_version(triton):
     """No outputs named: tritonclient asks for every output in binary (binary_data_output)."""
     batch = dyadic_batch(1, seed=9)
@@ -199,6 +205,7 @@ def test_fp32_batches_keep_the_models_max_batch_size_and_count_per_image(tiny_ch
     assert depths == [5 - sum(sizes[:i + 1]) for i in range(len(sizes))]
 
 
+@pytest.mark.server
 def test_fp32_gzip_request(triton):
     batch = dyadic_batch(2, seed=3)
     result = triton.infer("tiny", [fp32_input(batch, True)], request_compression_algorithm="gzip")
@@ -208,6 +215,7 @@ def test_fp32_gzip_request(triton):
 COLOURS = [(255, 0, 0), (0, 255, 255), (0, 0, 255), (255, 255, 0)]
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("binary_in", [False, True], ids=["json-base64-in", "binary-in"])
 @pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
 def test_bytes_image_inference_is_exact(triton, binary_in, binary_out):
@@ -219,12 +227,14 @@ def test_bytes_image_inference_is_exact(triton, binary_in, binary_out):
     np.testing.assert_array_equal(result.as_numpy("probabilities"), expected_images(COLOURS))
 
 
+@pytest.mark.server
 def test_bytes_shape_n_by_1(triton):
     images = [image_bytes(COLOURS[1]), image_bytes(COLOURS[2])]
     result = triton.infer("tiny", [bytes_input(images, True, shape=[2, 1])])
     np.testing.assert_array_equal(result.as_numpy("probabilities"), expected_images(COLOURS[1:3]))
 
 
+@pytest.mark.server
 def test_bytes_matches_the_predictions_route(triton, client):
     """Any colour: the V2 answer is the one POST /predictions gives (same decode, same batcher)."""
     png = image_bytes((10, 20, 250))
@@ -234,6 +244,7 @@ def test_bytes_matches_the_predictions_route(triton, client):
     assert [p["probability"] for p in answer] == [round(float(p), 6) for p in sorted(probs, reverse=True)]
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
 def test_classification_extension(triton, binary_out):
     batch = dyadic_batch(2, seed=5)
@@ -249,6 +260,7 @@ def test_classification_extension(triton, binary_out):
     assert (output["datatype"], output["shape"]) == ("BYTES", [2, 2])
 
 
+@pytest.mark.server
 def test_classification_of_images_and_count_above_classes(triton):
     result = triton.infer(
         "tiny", [bytes_input([image_bytes(COLOURS[0]), image_bytes(COLOURS[2])], True)],
@@ -270,6 +282,7 @@ def status_of(call) -> tuple[str, str]:
     return info.value.status(), info.value.message()
 
 
+@pytest.mark.server
 def test_unknown_model_is_404(triton):
     status, message = status_of(lambda: triton.infer("nope", [fp32_input(dyadic_batch(1), True)]))
     assert status == "404" and "no model named 'nope'" in message
@@ -278,6 +291,7 @@ def test_unknown_model_is_404(triton):
     assert status_of(lambda: triton.infer("tiny", [fp32_input(dyadic_batch(1), True)], model_version="3"))[0] == "404"
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_wrong_shape_is_400(triton, binary):
     batch = np.zeros((1, 3, 4, 4), dtype=np.float32)
@@ -285,6 +299,7 @@ def test_wrong_shape_is_400(triton, binary):
     assert status == "400" and "[1, 3, 4, 4]" in message and "[N, 3, 8, 8]" in message
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("datatype, dtype", [("FP64", np.float64), ("INT32", np.int32), ("UINT8", np.uint8)])
 def test_wrong_datatype_is_400(triton, datatype, dtype):
     tensor = httpclient.InferInput("input", [1, 3, 8, 8], datatype)
@@ -293,6 +308,7 @@ def test_wrong_datatype_is_400(triton, datatype, dtype):
     assert status == "400" and f"datatype {datatype}; expected FP32" in message
 
 
+@pytest.mark.server
 def test_bad_inputs_and_outputs_are_400(triton):
     def infer(inputs, outputs=None):
         return status_of(lambda: triton.infer("tiny", inputs, outputs=outputs))

@@ -8,12 +8,11 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LABELS, image_bytes, metric, tiny_model_config, tiny_net
+from conftest import LABELS, image_bytes, metric, tiny_model_config, tiny_net, wait_until
 
 from serve.config import build_config
 from serve.errors import ConfigError
@@ -213,15 +212,18 @@ def test_reload_reads_the_file_again_and_a_request_keeps_the_weights_it_started_
     client = app.test_client()
     before = f"2 {sha12(files['b'])}"
     release = threading.Event()
-    app.extensions["serve"].scheduler.batcher.call(release.wait, 10)
+    batcher = app.extensions["serve"].scheduler.batcher
+    batcher.call(release.wait, 10)
     answers = {}
     inflight = threading.Thread(target=lambda: answers.update(old=post(app.test_client(), "/predictions/tiny/2")))
     inflight.start()
-    time.sleep(0.3)  # its image is queued on version 2's old weights
+    # Its image is queued on version 2's old weights, behind the held call: two items pending.
+    wait_until(lambda: batcher.pending == 2, what="the request's image queued behind the held call")
     save(files["b"], 2)  # the file now holds other weights
     reload = threading.Thread(target=lambda: answers.update(reload=client.post("/models/tiny/versions/2/reload")))
     reload.start()
-    time.sleep(0.2)
+    # The reload's swap is queued behind the image (it runs on the batcher thread too): three pending.
+    wait_until(lambda: batcher.pending == 3, what="the reload queued behind the request's image")
     release.set()
     inflight.join(10)
     reload.join(10)
