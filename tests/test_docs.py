@@ -12,10 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 
-# Written in parallel branches: links to them may not resolve in this branch yet.
-PENDING = {"docs/testing.md"}
-# `make` targets added in parallel branches (the test tiers).
-PENDING_TARGETS = {"test-fast"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
@@ -53,8 +49,6 @@ def test_relative_links_resolve():
             resolved = (page.parent / file).resolve()
             if resolved.exists():
                 continue
-            if resolved.relative_to(ROOT).as_posix() in PENDING:
-                continue
             missing.append(f"{page.relative_to(ROOT)}: {target}")
     assert not missing, "links to files that don't exist:\n" + "\n".join(missing)
 
@@ -75,5 +69,5 @@ def test_readme_make_targets_exist():
     targets = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", makefile, re.M))
     named = set(re.findall(r"\bmake\s+([A-Za-z0-9_.-]+)", README.read_text(encoding="utf-8")))
     assert named, "the README names no make target"
-    unknown = sorted(named - targets - PENDING_TARGETS)
+    unknown = sorted(named - targets)
     assert not unknown, f"the README names make targets the Makefile lacks: {unknown}"
