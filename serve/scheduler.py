@@ -59,9 +59,13 @@ class Scheduler:
 
     @classmethod
     def for_settings(cls, settings: ServerSettings, metrics: Metrics | None = None) -> Scheduler:
-        """With no fixed torch_threads, CPU batches share the cores the host's load leaves them."""
+        """With no fixed torch_threads, CPU batches share the cores the host's load leaves them; with
+        one, the inference thread runs that many (torch's thread count is per thread: set it there)."""
         cores = None if settings.torch_threads else CoreShare(available_cores(), HostLoad())
-        return cls(settings, metrics, cores)
+        scheduler = cls(settings, metrics, cores)
+        if settings.torch_threads:
+            scheduler.call(torch.set_num_threads, settings.torch_threads)
+        return scheduler
 
     # --- the inference thread -----------------------------------------------------------------------
 
@@ -185,7 +189,10 @@ class Scheduler:
         self.service_time.seed(model, seconds)
 
     def start(self, server_pid: int | None = None) -> None:
-        """In a serving process (a gunicorn worker): follow the host's load, less the server's own."""
+        """In a serving process (a gunicorn worker, whose inference thread was started anew after the
+        fork): its fixed thread count, or follow the host's load, less the server's own."""
+        if self.settings.torch_threads:
+            self.call(torch.set_num_threads, self.settings.torch_threads)
         if self.cores is not None:
             self.cores.start(root=server_pid)
 

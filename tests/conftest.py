@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,38 @@ def cat_jpeg() -> bytes:
 
 
 # --- waiting on conditions -----------------------------------------------------------------------------
+
+
+@contextmanager
+def torch_threads(count: int):
+    """torch at `count` threads on this thread inside (the count is per thread), put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def match_detections(found: list[dict], scores, boxes, labels, score_rtol: float = 1e-4, score_atol: float = 1e-5,
+                     box_atol: float = 0.01) -> list[int]:
+    """Pair each expected detection (in-process: scores, boxes, labels) with a served one of the same
+    label, score and box (within the tolerances), each served one used once; return, per expected
+    detection, the index of its served match. Order-free: a seeded detector scores many boxes nearly
+    alike, and float32 sums on another thread count can swap two whose scores differ in the last bits.
+
+    Raises AssertionError naming the first expected detection with no match.
+    """
+    assert len(found) == len(scores), f"{len(found)} detections served, {len(scores)} expected"
+    used, pairs = set(), []
+    for i, (score, box, label) in enumerate(zip(scores.tolist(), boxes.tolist(), labels.tolist())):
+        match = next((j for j, d in enumerate(found) if j not in used and d["index"] == label
+                      and abs(d["score"] - score) <= score_atol + score_rtol * abs(score)
+                      and all(abs(a - b) <= box_atol for a, b in zip(d["box"], box))), None)
+        assert match is not None, f"expected detection {i} (label {label}, score {score:.6f}, box {box}) not served"
+        used.add(match)
+        pairs.append(match)
+    return pairs
 
 
 def wait_until(condition, limit_s: float = 10.0, what: str = "the condition", interval_s: float = 0.01):

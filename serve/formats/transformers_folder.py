@@ -22,6 +22,7 @@ from torch import nn
 
 from serve.config import ModelSpec
 from serve.errors import CheckpointError, ConfigError
+from serve.extras import require
 from serve.formats.opened import Implied, Opened
 from serve.formats.state_dict import error_line, is_state_dict, read_checkpoint
 from serve.formats.timm_folder import weights_file
@@ -93,8 +94,10 @@ def task_of(name: str, model: str, remote: bool = False) -> str:
     """The task a model class is served as.
 
     Raises:
-        ConfigError: transformers doesn't know the class, or it is of a family not served.
+        ConfigError: transformers isn't installed (the 'transformers' extra), doesn't know the class, or
+            it is of a family not served.
     """
+    require("transformers", f"model '{name}': a transformers folder")
     import transformers
     from transformers.models.auto import modeling_auto
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.errors import CheckpointError, ConfigError
+from serve.extras import require
 from serve.sources.address import Address
 from serve.sources.cache import SourceCache, key_of, verified
 from serve.sources.transfer import Opened, Transient, download, retried
@@ -24,13 +25,12 @@ CREDENTIALS = ("the credentials come from server.s3_access_key_id / s3_secret_ac
 def client(settings) -> Any:
     """A boto3 S3 client for the settings' endpoint, region and credentials.
 
-    Raises: ConfigError: boto3 is not installed.
+    Raises: ConfigError: boto3 is not installed (the 's3' extra).
     """
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise ConfigError("s3:// sources need boto3 (pip install boto3; requirements.txt pins it)") from None
+    require("boto3", "s3:// sources")
+    import boto3
+    from botocore.config import Config
+
     keys = {}
     if settings.s3_access_key_id:
         keys = {"aws_access_key_id": settings.s3_access_key_id, "aws_secret_access_key": settings.s3_secret_access_key}
