@@ -16,6 +16,7 @@ from serve.openapi import build_openapi, v1_paths, v2_paths
 from serve.page import page
 from serve.routes import bp, management
 from serve.service import PredictionService
+from serve.tracing import Tracing
 from serve.v1 import v1
 from serve.v2 import v2
 
@@ -34,7 +35,10 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     if config.server.enable_management:
         check_state_dir(config.server.state_dir)
     metrics = Metrics()
-    service = PredictionService.load(config, metrics=metrics)
+    # Tracing (OTEL_*; a missing extra stops start-up here): its provider is made per serving process,
+    # after gunicorn's fork (serve/gunicorn_conf.py), or at a process's first request outside gunicorn.
+    tracing = Tracing(config.server)
+    service = PredictionService.load(config, metrics=metrics, tracing=tracing)
     app = Flask(__name__, static_folder=None)  # the page blueprint serves serve/static itself
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_upload_bytes
     # Parsing costs per part: cap the parts near the image limit (werkzeug's default is 1000).
@@ -58,7 +62,7 @@ def create_app(config: ServeConfig | Mapping[str, Any] | None = None) -> Flask:
     if config.server.enable_management:
         app.register_blueprint(management)
     register_error_handlers(app)
-    register_request_hooks(app, metrics, service.table.default_name, frozenset(service.table.models))
+    register_request_hooks(app, metrics, service.table.default_name, frozenset(service.table.models), tracing)
     app.before_request(lifecycle.watch)  # once per process: the watcher thread (gunicorn starts it earlier)
     register_auth(app, api_keys)  # after the request hooks: a refused request is logged and counted too
     return app

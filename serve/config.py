@@ -270,6 +270,24 @@ class ServerSettings(_Frozen):
         32 * 2**20, ge=4 * 2**20, description="largest gRPC request or answer message (grpcio's own default, 4 MiB, "
         "is smaller than one phone photo)")
 
+    # Tracing (docs/operations.md#tracing): OpenTelemetry spans of each request, set by the standard OTEL_*
+    # variables; the exporter's endpoint, headers and batching come from OTEL_EXPORTER_OTLP_* and OTEL_BSP_*.
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry traces of each request (the `tracing` extra): `otlp` exports over OTLP/HTTP "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, which also turn it on), `console` "
+        "prints each span; OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true: off")
+    tracing_sampler: Literal["always_on", "always_off", "traceidratio", "parentbased_always_on",
+                             "parentbased_always_off", "parentbased_traceidratio"] = Field(
+        "parentbased_always_on", description="which requests are traced; parentbased_*: a request carrying a "
+        "traceparent follows its sampled flag")
+    tracing_sampler_arg: float = Field(1.0, ge=0, le=1, description="the share of traces the traceidratio samplers keep")
+    tracing_service_name: str = Field("torch-serve", min_length=1, description="the spans' service.name")
+
+    @field_validator("tracing", mode="before")
+    @classmethod
+    def _tracing_none(cls, value: Any) -> Any:
+        return "off" if isinstance(value, str) and value.strip().lower() == "none" else value
+
     @field_validator("model_memory_budget", mode="before")
     @classmethod
     def _bytes(cls, value: Any) -> Any:
@@ -410,6 +428,12 @@ SERVER_ENV = {
     "SERVE_HF_TOKEN": "hf_token",
     "SERVE_GRPC_PORT": "grpc_port",
     "SERVE_GRPC_MAX_MESSAGE_BYTES": "grpc_max_message_bytes",
+    # OpenTelemetry's own variables (https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/);
+    # an OTLP endpoint alone also turns tracing on (_tracing_env).
+    "OTEL_TRACES_EXPORTER": "tracing",
+    "OTEL_TRACES_SAMPLER": "tracing_sampler",
+    "OTEL_TRACES_SAMPLER_ARG": "tracing_sampler_arg",
+    "OTEL_SERVICE_NAME": "tracing_service_name",
 }
 # Server fields naming files: relative to the config file when the YAML sets them (as checkpoints
 # are), relative to the working directory when the environment does.
@@ -497,6 +521,7 @@ def _server_section(given: Any, base: Path, env: Mapping[str, str]) -> dict[str,
         if isinstance(server.get(field), str) and not (off and field == "onnx_cache_dir"):
             server[field] = (base / Path(server[field]).expanduser()).resolve()
     server.update({field: env[var] for var, field in SERVER_ENV.items() if env.get(var, "") != ""})
+    server.update(_tracing_env(env))
     off = str(server.get("onnx_cache_dir", "")).lower() == "off"
     cache_home = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     if off or server.get("onnx_cache_dir") is None:
@@ -504,6 +529,26 @@ def _server_section(given: Any, base: Path, env: Mapping[str, str]) -> dict[str,
     if server.get("source_cache_dir") is None:
         server["source_cache_dir"] = cache_home / "torch-serve" / "sources"
     return server
+
+
+def _tracing_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """What OpenTelemetry's variables say beyond SERVER_ENV's one-to-one ones: an OTLP endpoint alone turns
+    tracing on, OTEL_SDK_DISABLED turns it off.
+
+    Raises:
+        ConfigError: OTLP over gRPC asked for (the `tracing` extra's exporter speaks OTLP/HTTP).
+    """
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return {"tracing": "off"}
+    found = {}
+    if not env.get("OTEL_TRACES_EXPORTER") and (env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                                                 or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        found["tracing"] = "otlp"
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if protocol and protocol != "http/protobuf" and (found or env.get("OTEL_TRACES_EXPORTER", "").strip() == "otlp"):
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL '{protocol[:40]}': tracing exports over OTLP/HTTP only; set "
+                          "http/protobuf (the collector's port 4318)")
+    return found
 
 
 def _server_settings(server: Mapping[str, Any]) -> ServerSettings:

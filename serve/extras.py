@@ -9,6 +9,7 @@ The package (pyproject.toml) installs what every model needs; these come with an
     grpc           the Open Inference Protocol over gRPC (grpc_port): grpcio, its health service, protobuf
     transformers   Hugging Face transformers model folders
     s3             s3:// checkpoint sources (boto3)
+    tracing        OpenTelemetry traces (OTEL_* variables): the API, the SDK and the OTLP/HTTP exporter
 
 Presence is checked with importlib.util.find_spec, which finds a module without importing it: a process
 that forks later (the gunicorn master) must never import onnxruntime (see serve/runtimes/onnx.py).
@@ -33,6 +34,9 @@ EXTRAS = {
     "grpc_health": ("grpc", "grpcio-health-checking"),
     "transformers": ("transformers", "transformers"),
     "boto3": ("s3", "boto3"),
+    "opentelemetry": ("tracing", "opentelemetry-api"),
+    "opentelemetry.sdk": ("tracing", "opentelemetry-sdk"),
+    "opentelemetry.exporter.otlp.proto.http": ("tracing", "opentelemetry-exporter-otlp-proto-http"),
 }
 
 
@@ -51,7 +55,11 @@ def require(module: str, feature: str, error: type[ServeError] = ConfigError) ->
     Raises:
         ServeError (`error`): naming the feature, the missing distribution and the extra to install.
     """
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        found = None
+    if found is None:
         extra, dist = EXTRAS[module]
         raise error(f"{feature} needs {dist}, which is not installed: pip install '{DISTRIBUTION}[{extra}]' "
                     f"(from a clone: pip install '.[{extra}]')")

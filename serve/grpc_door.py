@@ -45,6 +45,7 @@ from serve.metrics import Metrics
 from serve.model_table import Served
 from serve.proto import open_inference_pb2 as pb
 from serve.service import Answer, Call, Inputs, PredictionService
+from serve.tracing import NO_TRACE, RequestTrace
 from serve.v2_codec import TENSOR_INPUT, check_input_count, parse_outputs, parse_tensor, raw_outputs
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ PLATFORM = "pytorch"
 STREAM_WINDOW = 8  # requests of one stream in flight at once (they batch together); answers stay in order
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 NO_DEADLINE_S = 1e8  # grpcio reports a call without a deadline as one centuries away
+UNTRACED_METHODS = {"ServerLive", "ServerReady", "ModelReady"}  # probes (serve/tracing.py)
 
 # ServeError.status -> the gRPC status code; the one mapping of every error this door answers.
 STATUS_CODES = {
@@ -106,6 +108,7 @@ class Record:
     batch_size: int | None = None
     bytes_in: int | None = None
     key: str | None = None
+    trace: RequestTrace = NO_TRACE  # the call's SERVER span (serve/tracing.py)
 
 
 class InferenceDoor:
@@ -141,6 +144,7 @@ class InferenceDoor:
     def _unary(self, method: str, fn: Callable, prediction: bool) -> Callable:
         def handle(request, context: grpc.ServicerContext):
             record = self._record(method, context, getattr(request, "id", ""))
+            self._trace(record)
             error = None
             try:
                 record.key = self._authorize(method, context)
@@ -165,6 +169,15 @@ class InferenceDoor:
         given = given_id or metadata.get("x-request-id", "")
         return Record(method, context, given if REQUEST_ID.match(given) else uuid.uuid4().hex)
 
+    def _trace(self, record: Record) -> None:
+        """Start the call's SERVER span, continuing the traceparent of its metadata (not for probes)."""
+        if self.service.tracing.enabled and record.method not in UNTRACED_METHODS:
+            record.trace = self.service.tracing.request(f"{SERVICE}/{record.method}", dict(
+                record.context.invocation_metadata()), {
+                "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": record.method,
+                "client.address": record.context.peer(), "serve.request_id": record.request_id,
+                "serve.protocol": "grpc"})
+
     def _authorize(self, method: str, context: grpc.ServicerContext) -> str | None:
         """Raises: UnauthorizedError, ForbiddenError: as serve/auth.py decides for "grpc.<method>"."""
         if self.keys is None:
@@ -181,9 +194,17 @@ class InferenceDoor:
             self.metrics.observe_request(model, status, elapsed, "grpc")
         if error is not None:
             self.metrics.errors.labels(error.code).inc()
+        if record.trace.recording:
+            code = grpc.StatusCode.OK if error is None else grpc_status(error)[0]
+            attributes = {"rpc.grpc.status_code": code.value[0]}
+            if record.batch_size is not None:
+                attributes["serve.batch_size"] = record.batch_size
+            if error is not None:
+                attributes["serve.error_code"] = error.code
+            record.trace.finish(attributes, error=error.message if error is not None and status >= 500 else None)
         access_log.info(access_line(record.request_id, "POST", f"/{SERVICE}/{record.method}", record.model, status,
                                     elapsed, record.batch_size, record.bytes_in, record.context.peer(), record.key,
-                                    "grpc"))
+                                    "grpc", record.trace))
 
     # --- health and metadata ------------------------------------------------------------------------
 
@@ -262,7 +283,7 @@ class InferenceDoor:
             timeout_s = None
         answer = self.service.predict(Call(read, request.model_name, request.model_version or None,
                                            timeout_s=timeout_s, timeout_source="the gRPC deadline",
-                                           client=context.peer()))
+                                           client=context.peer(), trace=record.trace))
         record.batch_size = answer.batch_size
         return render_answer(answer, request.id, outputs), answer.tag
 
@@ -313,6 +334,7 @@ class InferenceDoor:
     def _stream_one(self, request: pb.ModelInferRequest, context: grpc.ServicerContext, key: str | None
                     ) -> pb.ModelStreamInferResponse:
         record = self._record("ModelStreamInfer", context, request.id)
+        self._trace(record)
         record.key, record.bytes_in = key, request.ByteSize()
         error = None
         try:

@@ -164,8 +164,9 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """The worker's app is loaded: catch up with the control file, then start every model's runtime here
-    (ONNX Runtime sessions are made in the process that runs them), all before it takes a request; then
-    the gRPC server, if grpc_port is set (a port it can't bind stops the server, as a model that doesn't load)."""
+    (ONNX Runtime sessions are made in the process that runs them) and its tracer (the batch span processor's
+    thread is not fork-safe), all before it takes a request; then the gRPC server, if grpc_port is set (a port
+    it can't bind stops the server, as a model that doesn't load)."""
     extensions = getattr(worker.wsgi, "extensions", {})
     lifecycle = extensions.get("serve.lifecycle")
     if lifecycle is not None:
@@ -196,9 +197,13 @@ def worker_int(worker):
 
 
 def worker_exit(server, worker):
-    """HTTP is drained: wait for the gRPC calls still in flight (begun at SIGTERM, grpc_grace_s at most)."""
+    """HTTP is drained: wait for the gRPC calls still in flight (begun at SIGTERM, grpc_grace_s at most),
+    then export the spans still batched (tracing: serve/tracing.py; its provider was made in this worker)."""
     if getattr(worker, "grpc", None) is not None:
         worker.grpc.stop(grpc_grace_s)
+    service = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("serve")
+    if service is not None:
+        service.tracing.shutdown()
 
 
 def when_ready(server):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from serve.access import request_trace
 from serve.response_notes import note
 from serve.errors import InvalidRequestError, NotReadyError
 from serve.http_io import VERSION_HEADER, client_of, client_timeout, read_images
@@ -102,7 +103,7 @@ def predict(name: str | None = None, version: str | None = None):
 
     timeout_s, timeout_source = client_timeout(request)
     answer = service().predict(Call(read, name, version, request.args, request.args.get("format"), timeout_s,
-                                    timeout_source, client_of(request)))
+                                    timeout_source, client_of(request), request_trace()))
     response = render_answer(answer, many)
     response.headers[VERSION_HEADER] = answer.tag
     return note(response, batch_size=answer.batch_size)

@@ -19,6 +19,7 @@ from serve.cores import CoreShare, HostLoad, available_cores
 from serve.errors import BatchTimeoutError, OverloadedError
 from serve.memory import PixelBudget
 from serve.metrics import Metrics
+from serve.tracing import NO_TRACE, RequestTrace, batch_span, split_batch
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,19 @@ class Scheduler:
         """The lanes of one model version: `work` for uint8 images, `float_forward` for float tensors."""
         tensors = Work(work.model, float_forward, work.cpu, work.single_threaded)
         return Lanes(make_lane(partial(self._run_lane, work), max_batch_size, max_delay_ms),
-                     make_lane(partial(self._run_lane, tensors), max_batch_size, max_delay_ms))
+                     make_lane(partial(self._run_lane, tensors, lane="tensors"), max_batch_size, max_delay_ms))
 
-    def _run_lane(self, work: Work, inputs: list[Any]) -> list[tuple[Any, int]]:
-        """A gathered batch, on the inference thread; each output carries the batch's size back."""
+    def _run_lane(self, work: Work, inputs: list[Any], lane: str = "images") -> list[tuple[Any, int]]:
+        """A gathered batch, on the inference thread; each output carries the batch's size back. Inputs
+        of traced requests come with their tickets (serve/tracing.py): the batch's forward span."""
+        inputs, tickets = split_batch(inputs)
         started = time.perf_counter()
-        if self.cores is not None and work.cpu:
-            with self.cores.share(single=work.single_threaded(len(inputs))):
+        with batch_span(tickets, len(inputs), lane):
+            if self.cores is not None and work.cpu:
+                with self.cores.share(single=work.single_threaded(len(inputs))):
+                    outputs = work.forward(inputs)
+            else:
                 outputs = work.forward(inputs)
-        else:
-            outputs = work.forward(inputs)
         ended = time.perf_counter()
         waiting = self.batcher.pending - len(inputs)  # this batch's futures are not resolved yet
         # Its cost on the thread's timeline: from the previous batch's end when work was waiting then
@@ -119,7 +123,8 @@ class Scheduler:
         timeout = self.settings.request_timeout_s
         return Deadline.after(timeout, f"{timeout:g}s (request_timeout_s)").tighter(client_s, source)
 
-    def admit(self, model: str, count: int, deadline: Deadline, client: Hashable | None = None) -> None:
+    def admit(self, model: str, count: int, deadline: Deadline, client: Hashable | None = None,
+              trace: RequestTrace = NO_TRACE) -> None:
         """Refuse work that can't start in time: checked before a request's body is read, and again
         when its images are queued. A refusal for the server's own limits, to a client that comes back
         before the Retry-After it was given, is held first (Resends): it sleeps this thread only.
@@ -129,7 +134,7 @@ class Scheduler:
                 or max_queue images are already waiting.
         """
         try:
-            self._admit(model, count, deadline)
+            self._admit(model, count, deadline, trace)
         except OverloadedError as exc:
             if exc.holdable and client is not None:
                 hold_s = self.resends.hold_s(client, exc.retry_after_s)
@@ -137,11 +142,12 @@ class Scheduler:
                     time.sleep(hold_s)
             raise
 
-    def _admit(self, model: str, count: int, deadline: Deadline) -> None:
+    def _admit(self, model: str, count: int, deadline: Deadline, trace: RequestTrace) -> None:
         wait = self.service_time.predicted_wait_s()
+        trace.admitted(wait)
         pending, limit = self.batcher.pending, self.settings.max_queue
         if pending + count > limit:
-            self._shed(model, "queue_full")
+            self._shed(model, "queue_full", trace)
             raise OverloadedError(f"server busy: {pending} images waiting (limit {limit}); retry shortly",
                                   retry_after_s(wait), holdable=True)
         budget = self.settings.max_queue_wait_ms / 1000
@@ -150,37 +156,43 @@ class Scheduler:
         if client:
             budget, why = deadline.remaining(), deadline.source
         if wait > budget:
-            self._shed(model, "predicted_wait")
+            self._shed(model, "predicted_wait", trace)
             raise OverloadedError(f"server busy: model '{model}' would wait about {wait * 1000:.0f} ms, over "
                                   f"{why}; retry later", retry_after_s(wait), holdable=not client)
 
     def run(self, model: str, lane: Lane, inputs: list[Any], deadline: Deadline,
-            client: Hashable | None = None) -> tuple[list[Any], int]:
+            client: Hashable | None = None, trace: RequestTrace = NO_TRACE) -> tuple[list[Any], int]:
         """Admit the inputs, queue them on the lane and wait for their outputs (one each, in order) and
-        the largest batch they ran in.
+        the largest batch they ran in. A traced request's inputs carry its queue span's ticket.
 
         Raises:
             OverloadedError: see admit.
             BatchTimeoutError: no answer before the deadline; the inputs still queued are cancelled.
         """
-        self.admit(model, len(inputs), deadline, client)
-        futures = self.batcher.submit_many(lane, inputs)
+        self.admit(model, len(inputs), deadline, client, trace)
+        ticket = trace.queue()
+        futures = self.batcher.submit_many(lane, inputs if ticket is None else ticket.wrap(inputs))
         self.service_time.track(model, futures)
-        results = self._wait(futures, model, deadline)
+        try:
+            results = self._wait(futures, model, deadline, trace)
+        finally:
+            if ticket is not None:
+                ticket.end()
         return [output for output, _ in results], max(size for _, size in results)
 
-    def _wait(self, futures: list[Future], model: str, deadline: Deadline) -> list:
+    def _wait(self, futures: list[Future], model: str, deadline: Deadline, trace: RequestTrace = NO_TRACE) -> list:
         try:
             return [future.result(timeout=max(0.0, deadline.remaining())) for future in futures]
         except FutureTimeout:
             for future in futures:
                 future.cancel()  # the batcher skips them
-            self._shed(model, "deadline")
+            self._shed(model, "deadline", trace)
             raise BatchTimeoutError(f"model '{model}' did not answer within {deadline.source}; try again") from None
 
-    def _shed(self, model: str, reason: str) -> None:
+    def _shed(self, model: str, reason: str, trace: RequestTrace = NO_TRACE) -> None:
         if self.metrics is not None:
             self.metrics.shed.labels(model, reason).inc()
+        trace.shed(reason)
 
     # --- the process ----------------------------------------------------------------------------
 

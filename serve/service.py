@@ -27,6 +27,7 @@ from serve.metrics import Metrics
 from serve.model_table import ModelTable, Served
 from serve.scheduler import Scheduler
 from serve.tasks.base import Prepared, Result, Task, V2Output
+from serve.tracing import NO_TRACE, RequestTrace, Tracing
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Call:
     timeout_s: float | None = None  # the client's deadline, when sooner than request_timeout_s
     timeout_source: str = "the request's deadline"  # who set it, for the error message
     client: Hashable | None = None  # the connection, for holding refusals it resends at once
+    trace: RequestTrace = NO_TRACE  # the door's span of the request (serve/tracing.py); its stages are timed here
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Answer:
     params: dict[str, Any]
     answer_format: str
     batch_size: int
+    trace: RequestTrace = NO_TRACE  # its postprocess is timed as rendering asks for the results
 
     @property
     def model(self) -> str:
@@ -90,19 +93,23 @@ class Answer:
 
     def results(self) -> list[Result]:
         """The task's typed result for each image."""
-        return [self.task.finish(o, p, self.params) for o, p in zip(self.outputs, self._prepared())]
+        with self.trace.stage("postprocess"):
+            return [self.task.finish(o, p, self.params) for o, p in zip(self.outputs, self._prepared())]
 
     def torchserve(self) -> Any:
         """The answer in the shape of TorchServe's handler for the task."""
-        return self.task.torchserve(self.outputs, self._prepared(), self.params)
+        with self.trace.stage("postprocess"):
+            return self.task.torchserve(self.outputs, self._prepared(), self.params)
 
     def png(self) -> bytes:
         """The first image's answer as a PNG (a segmentation mask)."""
-        return self.task.png(self.outputs[0], self._prepared()[0])
+        with self.trace.stage("postprocess"):
+            return self.task.png(self.outputs[0], self._prepared()[0])
 
     def v2_tensors(self, classification: Mapping[str, int]) -> list[V2Output]:
         """The V2 output tensors; `classification` maps output names to Triton's top-K (0: none)."""
-        return self.task.v2_tensors(self.outputs, self.prepared, self.params, dict(classification))
+        with self.trace.stage("postprocess"):
+            return self.task.v2_tensors(self.outputs, self.prepared, self.params, dict(classification))
 
     def _prepared(self) -> list[Prepared]:
         if self.prepared is None:
@@ -111,17 +118,18 @@ class Answer:
 
 
 class PredictionService:
-    """The model table and the scheduler behind every door."""
+    """The model table and the scheduler behind every door, and the tracer the doors start spans with."""
 
-    def __init__(self, table: ModelTable, scheduler: Scheduler):
+    def __init__(self, table: ModelTable, scheduler: Scheduler, tracing: Tracing | None = None):
         self.table = table
         self.scheduler = scheduler
+        self.tracing = tracing or Tracing()  # off unless given
 
     @classmethod
     def load(cls, config: ServeConfig, names: list[str] | None = None, metrics: Metrics | None = None,
-             include_lazy: bool = False) -> PredictionService:
+             include_lazy: bool = False, tracing: Tracing | None = None) -> PredictionService:
         """Load and warm every model of the config (or those named); lazy ones only with include_lazy
-        (else on first use).
+        (else on first use). `tracing`: the server's (serve/app.py); None: off.
 
         Raises:
             ConfigError, DeviceError, CheckpointError: naming the model; nothing is left running.
@@ -133,7 +141,7 @@ class PredictionService:
         except BaseException:
             scheduler.close()
             raise
-        return cls(table, scheduler)
+        return cls(table, scheduler, tracing)
 
     @property
     def settings(self) -> ServerSettings:
@@ -150,13 +158,17 @@ class PredictionService:
             OverloadedError: refused by admission (before the body is read, or when queued).
             BatchTimeoutError: no answer before the deadline.
         """
+        trace = call.trace
         deadline = self.scheduler.deadline(call.timeout_s, call.timeout_source)
         with self.table.use(call.model, call.version, deadline) as served:  # a lazy model loads here
+            if trace.recording:
+                trace.serving(served.name, served.version, served.predictor.runtime.name)
             task = served.task
             params = task.parse_params(call.params)
             answer_format = self._answer_format(served, call.answer_format)
-            self.scheduler.admit(served.name, 1, deadline, call.client)
-            inputs = call.read(served)
+            self.scheduler.admit(served.name, 1, deadline, call.client, trace)
+            with trace.stage("read"):
+                inputs = call.read(served)
             deadline = deadline.tighter(inputs.timeout_s, inputs.timeout_source)
             if inputs.params is not None:
                 params = task.parse_params(inputs.params)
@@ -164,10 +176,12 @@ class PredictionService:
                 prepared = None
                 lane, batch = served.lanes.tensors, list(torch.from_numpy(inputs.tensor))
             else:
-                prepared = [self._prepare(served, data, i, len(inputs.images)) for i, data in enumerate(inputs.images)]
+                with trace.stage("decode", **{"serve.images": len(inputs.images)}):
+                    prepared = [self._prepare(served, data, i, len(inputs.images))
+                                for i, data in enumerate(inputs.images)]
                 lane, batch = served.lanes.images, [p.tensor for p in prepared]
-            outputs, batch_size = self.scheduler.run(served.name, lane, batch, deadline, call.client)
-        return Answer(served, outputs, prepared, params, answer_format, batch_size)
+            outputs, batch_size = self.scheduler.run(served.name, lane, batch, deadline, call.client, trace)
+        return Answer(served, outputs, prepared, params, answer_format, batch_size, trace)
 
     @staticmethod
     def _answer_format(served: Served, asked: str | None) -> str:
@@ -193,6 +207,7 @@ class PredictionService:
         process) and follow the host's load. busy_sessions: more than one worker shares the cores."""
         self.table.warm_runtimes(busy_sessions)
         self.scheduler.start(server_pid)
+        self.tracing.start()  # after the fork: the exporter's thread is this process's
 
     @property
     def closed(self) -> bool:
@@ -200,3 +215,4 @@ class PredictionService:
 
     def close(self) -> None:
         self.scheduler.close()
+        self.tracing.shutdown()

@@ -34,6 +34,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from serve.access import request_trace
 from serve.response_notes import note
 from serve.errors import (
     InvalidRequestError,
@@ -97,7 +98,7 @@ def predict(name: str, version: str | None = None):
 
     timeout_s, timeout_source = client_timeout(request)
     answer = service().predict(Call(read, name, version, request.args, "json", timeout_s, timeout_source,
-                                    client_of(request)))
+                                    client_of(request), request_trace()))
     response = _json({"predictions": predictions(answer)})
     response.headers[VERSION_HEADER] = answer.tag
     return note(response, batch_size=answer.batch_size)

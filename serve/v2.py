@@ -62,6 +62,7 @@ from werkzeug.exceptions import (
     RequestEntityTooLarge,
 )
 
+from serve.access import request_trace
 from serve.response_notes import note
 from serve.admission import v2_timeout_s
 from serve.errors import (
@@ -221,7 +222,7 @@ def infer(name: str, version: str | None = None):
 
     timeout_s, timeout_source = client_timeout(request)
     answer = service().predict(Call(read, name, version, timeout_s=timeout_s, timeout_source=timeout_source,
-                                    client=client_of(request)))
+                                    client=client_of(request), trace=request_trace()))
     classification = {out_name: out.classification for out_name, out in outputs.items()}
     header = {"model_name": answer.model, "model_version": answer.version}
     if request_id is not None:
