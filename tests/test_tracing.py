@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,11 +16,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from serve.config import ServerSettings, build_config, load_server_settings
+from conftest import image_bytes, tiny_model_config, write_config
+from servers import Server, free_port
+
+from serve.config import ServerSettings, load_server_settings
 from serve.errors import ConfigError
 from serve.tracing import NO_TRACE, Tracing
-from tests.conftest import image_bytes, tiny_model_config, wait_until, write_config
-from tests.servers import Server
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -135,6 +137,24 @@ def test_a_refused_request_records_why(traced):
     assert "read" not in spans  # refused before its body is read
 
 
+def test_a_request_whose_deadline_passes_while_queued_says_so(traced, tiny_checkpoint):
+    # Its batch waits up to 1 s for a second image that never comes; its deadline is 100 ms.
+    app, exporter = traced(tiny_model_config(tiny_checkpoint, max_batch_size=2, max_delay_ms=1000))
+    response = app.test_client().post("/predictions/tiny", data=image_bytes(), content_type="image/png",
+                                      headers={"X-Request-Timeout-Ms": "100"})
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "timeout"
+    spans = by_name(exporter.get_finished_spans())
+    (queue,) = spans["queue"]
+    assert queue.attributes["serve.shed_reason"] == "deadline" and queue.status.status_code == StatusCode.ERROR
+    assert "forward" not in spans  # the batcher skipped its cancelled image
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)  # as if opentelemetry-sdk were not installed
+    with pytest.raises(ConfigError, match=r"needs opentelemetry-sdk, which is not installed: pip install 'ckpt-serve\[tracing\]'"):
+        Tracing(ServerSettings(tracing="otlp"))
+
+
 def test_v2_and_v1_requests_are_traced(traced):
     app, exporter = traced()
     client = app.test_client()
@@ -181,3 +201,99 @@ def test_sampling_follows_the_setting_and_the_parent(traced):
     assert client.post("/predictions/tiny", data=image_bytes(), content_type="image/png",
                        headers={"traceparent": PARENT}).status_code == 200  # the caller sampled it
     assert {s.name for s in exporter.get_finished_spans()} == {"POST /predictions/<name>", *STAGES}
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver on 127.0.0.1: decodes each export (protobuf) into plain dicts."""
+
+    def __init__(self):
+        self.spans: list[dict] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                export = ExportTraceServiceRequest.FromString(body)
+                with receiver.lock:
+                    receiver.spans.extend(decode(export))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def value(any_value):
+    return getattr(any_value, any_value.WhichOneof("value"))
+
+
+def decode(export: ExportTraceServiceRequest) -> list[dict]:
+    spans = []
+    for resource_spans in export.resource_spans:
+        resource = {kv.key: value(kv.value) for kv in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                spans.append({"name": span.name, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                              "parent": span.parent_span_id.hex(), "kind": span.kind,
+                              "attributes": {kv.key: value(kv.value) for kv in span.attributes},
+                              "links": [link.span_id.hex() for link in span.links], "resource": resource})
+    return spans
+
+
+@pytest.mark.server
+def test_gunicorn_workers_export_over_otlp_http_with_the_callers_trace(tmp_path, tiny_checkpoint):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    receiver = Receiver()
+    config = write_config(tmp_path, [tiny_model_config(tiny_checkpoint)])
+    log = tmp_path / "gunicorn.log"
+    grpc_port = free_port()
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2", "SERVE_GRPC_PORT": str(grpc_port),
+                     "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "serve-under-test",
+                     "OTEL_BSP_SCHEDULE_DELAY": "60000"}, log)  # exported when the workers stop, if not before
+    try:
+        for i in range(12):  # a fresh connection each time, so both workers take requests
+            response = requests.post(f"{server.url}/predictions/tiny", data=image_bytes(), timeout=10, headers={
+                "Content-Type": "image/png", "Connection": "close", "traceparent": PARENT, "X-Request-ID": f"h{i}"})
+            assert response.status_code == 200
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([image_bytes()], dtype=np.object_))
+        client.infer("tiny", [image], headers={"traceparent": PARENT})
+        client.close()
+        assert requests.get(f"{server.url}/metrics", timeout=10).status_code == 200
+    finally:
+        assert server.stop() == 0  # a graceful stop: each worker flushes its spans on exit
+        receiver.close()
+    spans = receiver.spans
+    servers = [s for s in spans if s["kind"] == 2]  # SPAN_KIND_SERVER
+    http = [s for s in servers if s["name"] == "POST /predictions/<name>"]
+    grpc_spans = [s for s in servers if s["name"] == "inference.GRPCInferenceService/ModelInfer"]
+    assert len(http) == 12 and len(grpc_spans) == 1 and len(servers) == 13  # probes and /metrics not traced
+    assert {s["trace_id"] for s in spans} == {TRACE_ID}  # every span in the caller's trace
+    assert all(s["parent"] == "00f067aa0ba902b7" for s in servers)
+    assert {s["resource"]["service.name"] for s in spans} == {"serve-under-test"}
+    workers = {s["resource"]["process.pid"] for s in servers}
+    assert 1 <= len(workers) <= 2 and server.proc.pid not in workers  # made in the workers, never the master
+    for request in servers:
+        stages = sorted(s["name"] for s in spans if s["parent"] == request["span_id"])
+        assert stages == sorted(STAGES), (request["name"], stages)
+    forwards = [s for s in spans if s["name"] == "forward"]
+    assert len(forwards) == 13 and all(f["attributes"]["serve.model"] == "tiny" for f in forwards)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    traced = [line for line in lines if line.get("request_id", "").startswith("h")]
+    assert len(traced) == 12 and {line["trace_id"] for line in traced} == {TRACE_ID}
+    assert {line["span_id"] for line in traced} == {s["span_id"] for s in http}
