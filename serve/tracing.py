@@ -21,6 +21,7 @@ request outside gunicorn) and flushed when the worker exits.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,9 @@ from typing import Any
 
 from serve.config import ServerSettings
 from serve.extras import require
+
+log = logging.getLogger(__name__)
+SHUTDOWN_S = 5.0  # the longest a stopping process waits for its last spans to be exported
 
 
 class _NoStage:
@@ -358,10 +362,18 @@ class Tracing:
             return NO_TRACE  # not sampled: a non-recording span needs no end
         return _RecordingTrace(self, span)
 
-    def shutdown(self) -> None:
-        """Export what is left and stop the exporter (a worker's graceful stop)."""
+    def shutdown(self, timeout_s: float = SHUTDOWN_S) -> None:
+        """Export what is left and stop the exporter (a worker's graceful stop), waiting timeout_s at
+        most: a collector that doesn't answer would hold the exit through the exporter's retries (21 s
+        measured against a closed port), past gunicorn's graceful_timeout_s."""
         with self._lock:
-            if self._provider is not None and self._pid == os.getpid():
-                self._provider.shutdown()
-                self._provider, self._pid = None, 0
-                self.enabled = False
+            provider = self._provider if self._pid == os.getpid() else None
+            self._provider, self._pid = None, 0
+            self.enabled = False
+        if provider is None:
+            return
+        flushing = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+        flushing.start()
+        flushing.join(timeout_s)
+        if flushing.is_alive():
+            log.warning("tracing: spans not exported within %g s of stopping (is the collector up?); dropped", timeout_s)

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -153,6 +154,23 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)  # as if opentelemetry-sdk were not installed
     with pytest.raises(ConfigError, match=r"needs opentelemetry-sdk, which is not installed: pip install 'ckpt-serve\[tracing\]'"):
         Tracing(ServerSettings(tracing="otlp"))
+
+
+def test_a_collector_that_does_not_answer_holds_the_stop_briefly(caplog):
+    release = threading.Event()
+
+    class Stuck(InMemorySpanExporter):
+        def shutdown(self):  # as an exporter still retrying a collector that is down
+            release.wait(30)
+
+    tracing = Tracing(ServerSettings(tracing="otlp"))
+    tracing.start(exporter=Stuck())
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="serve.tracing"):
+        tracing.shutdown(timeout_s=0.2)
+    release.set()
+    assert time.monotonic() - started < 5
+    assert "spans not exported within 0.2 s" in caplog.text and not tracing.enabled
 
 
 def test_v2_and_v1_requests_are_traced(traced):
