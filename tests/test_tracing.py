@@ -291,6 +291,12 @@ def test_gunicorn_workers_export_over_otlp_http_with_the_callers_trace(tmp_path,
         image = grpcclient.InferInput("image", [1], "BYTES")
         image.set_data_from_numpy(np.array([image_bytes()], dtype=np.object_))
         client.infer("tiny", [image], headers={"traceparent": PARENT})
+        answered = []
+        client.start_stream(lambda result, error: answered.append(error), headers={"traceparent": PARENT})
+        for i in range(2):
+            client.async_stream_infer("tiny", [image], request_id=f"s{i}")
+        client.stop_stream()  # waits for the answers
+        assert answered == [None, None]
         client.close()
         assert requests.get(f"{server.url}/metrics", timeout=10).status_code == 200
     finally:
@@ -299,18 +305,23 @@ def test_gunicorn_workers_export_over_otlp_http_with_the_callers_trace(tmp_path,
     spans = receiver.spans
     servers = [s for s in spans if s["kind"] == 2]  # SPAN_KIND_SERVER
     http = [s for s in servers if s["name"] == "POST /predictions/<name>"]
-    grpc_spans = [s for s in servers if s["name"] == "inference.GRPCInferenceService/ModelInfer"]
-    assert len(http) == 12 and len(grpc_spans) == 1 and len(servers) == 13  # probes and /metrics not traced
+    unary = [s for s in servers if s["name"] == "inference.GRPCInferenceService/ModelInfer"]
+    stream = [s for s in servers if s["name"] == "inference.GRPCInferenceService/ModelStreamInfer"]
+    assert len(http) == 12 and len(unary) == 1 and len(stream) == 2
+    assert len(servers) == 15  # probes and /metrics not traced
     assert {s["trace_id"] for s in spans} == {TRACE_ID}  # every span in the caller's trace
     assert all(s["parent"] == "00f067aa0ba902b7" for s in servers)
     assert {s["resource"]["service.name"] for s in spans} == {"serve-under-test"}
     workers = {s["resource"]["process.pid"] for s in servers}
     assert 1 <= len(workers) <= 2 and server.proc.pid not in workers  # made in the workers, never the master
-    for request in servers:
-        stages = sorted(s["name"] for s in spans if s["parent"] == request["span_id"])
-        assert stages == sorted(STAGES), (request["name"], stages)
-    forwards = [s for s in spans if s["name"] == "forward"]
-    assert len(forwards) == 13 and all(f["attributes"]["serve.model"] == "tiny" for f in forwards)
+    forwards = {s["span_id"]: s for s in spans if s["name"] == "forward"}
+    assert all(f["attributes"]["serve.model"] == "tiny" for f in forwards.values())
+    served = {link for f in forwards.values() for link in f["links"]}
+    for request in servers:  # the two stream requests may share a batch: its forward is under one of them
+        stages = sorted(s["name"] for s in spans if s["parent"] == request["span_id"] and s["name"] != "forward")
+        assert stages == sorted(set(STAGES) - {"forward"}), (request["name"], stages)
+        (queue,) = [s for s in spans if s["parent"] == request["span_id"] and s["name"] == "queue"]
+        assert queue["links"][0] in forwards and request["span_id"] in served
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     traced = [line for line in lines if line.get("request_id", "").startswith("h")]
     assert len(traced) == 12 and {line["trace_id"] for line in traced} == {TRACE_ID}
