@@ -36,6 +36,8 @@ wrk:
 bench: install wrk
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/bench.py
+	$(PY) bench/grpc.py        # gRPC beside REST V2 and the plain route (docs/performance.md)
+	$(PY) bench/many_models.py # 1-200 models under a memory budget (docs/performance.md, docs/many_models.png)
 
 soak: install
 	$(PY) bench/soak.py
