@@ -56,7 +56,7 @@ class Served:
     version: str
     source: Source
     lanes: Lanes
-    bytes: int = 0  # what loading it took: its tensors, or the process's growth while loading (a session's arena)
+    bytes: int = 0  # what loading it took: its tensors, or the process's anonymous memory growth (a session's arena)
 
     @property
     def name(self) -> str:

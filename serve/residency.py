@@ -17,11 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def rss_bytes() -> int:
-    """This process's resident set size, from /proc/self/statm, once freed heap is handed back (so a
-    load's temporary copies don't count in its size)."""
+    """This process's anonymous resident memory (resident less file-backed pages: libraries a load pages
+    in are shared, not the model's), from /proc/self/statm, once freed heap is handed back (so a load's
+    temporary copies don't count in its size)."""
     trim()
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = statm.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
 
 def tensor_bytes(module: torch.nn.Module | None) -> int:

@@ -223,3 +223,37 @@ def test_on_gunicorn_an_evicted_models_memory_returns(tmp_path):
     assert three_loaded - two < 0.4 * model, (two, three_loaded)  # and one left when the next came
     log = (tmp_path / "gunicorn.log").read_text()
     assert "model 'a': evicted to fit model 'c'" in log
+
+
+@pytest.mark.server
+def test_on_gunicorn_first_requests_share_each_workers_load_and_too_large_is_refused(tmp_path):
+    """2 workers: 8 concurrent first requests for a slow-loading lazy model load it at most once per
+    worker; a model over the whole budget answers 507 from either worker, and nothing dies."""
+    specs = [ballast_spec(tmp_path, "slow", 1, kwargs={"load_delay_s": 1.0}),
+             ballast_spec(tmp_path, "big", 0, megabytes=64)]
+    config = write_config(tmp_path, specs, model_memory_budget="32MiB")
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2"}, tmp_path / "gunicorn.log")
+    try:
+        pids = worker_pids(server.proc.pid, expected=2)
+        answers, start = [], threading.Barrier(8)
+
+        def first():
+            start.wait(10)
+            answers.append(requests.post(f"{server.url}/predictions/slow", data=image_bytes(),
+                                         headers={"Content-Type": "image/png", "Connection": "close"}, timeout=60))
+
+        threads = [threading.Thread(target=first) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [a.status_code for a in answers] == [200] * 8
+        assert {a.json()["predictions"][0]["label"] for a in answers} == {"second"}
+        big = requests.post(f"{server.url}/predictions/big", data=image_bytes(), headers={"Content-Type": "image/png"},
+                            timeout=60)
+        assert big.status_code == 507 and big.json()["error"]["code"] == "model_too_large"
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        assert 1 <= metric(text, "serve_lazy_loads_total", model="slow") <= 2  # one load per worker at most
+        assert worker_pids(server.proc.pid, expected=2) == pids  # no worker died
+    finally:
+        assert server.stop() == 0
