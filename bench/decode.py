@@ -47,7 +47,6 @@ def main() -> None:
     predictor = Predictor(spec, load_model(spec), load_labels(spec), PixelBudget(10**9))
     predictor.warm_up()
     blank = predictor.task.blank()
-    runtime = predictor.runtime
     print(f"runtime {predictor.describe_runtime()['name']}; one thread throughout")
     own = io.BytesIO()
     Image.fromarray(data.chelsea()).save(own, "JPEG", quality=90)

@@ -28,7 +28,7 @@ from serve.formats.safe_globals import resolve_safe_globals
 from serve.formats.state_dict import find_state_dict, is_state_dict, read_checkpoint, weights_path
 from serve.formats.timm_folder import is_model_folder
 from serve.formats.training import ema_entry
-from serve.loader import file_sha256
+from serve.sources.cache import file_sha256
 from serve.runtimes.onnx import open_onnx_file
 from serve.service import Call, Inputs, PredictionService
 from serve.sources.address import is_remote

@@ -1,18 +1,55 @@
-"""What the REST doors share of HTTP: reading image bodies, the client's deadline and identity, the version header."""
+"""What the REST doors share of HTTP: reading image bodies, the client's deadline and identity, the version
+header, compact JSON answers and the {"error": message} shape KServe's V1 and V2 protocols answer errors in."""
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Hashable
+from typing import Any
 
-from flask import Request, current_app
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Request, Response, current_app
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from serve.admission import TIMEOUT_HEADER, header_timeout_s
-from serve.errors import InvalidRequestError, TooManyImagesError, UnsupportedMediaTypeError
+from serve.errors import (
+    InvalidRequestError,
+    ServeError,
+    TooManyImagesError,
+    UnsupportedMediaTypeError,
+    finish_http_error,
+    finish_serve_error,
+)
+from serve.response_notes import note
+
+log = logging.getLogger(__name__)
 
 # Bodies taken as raw image bytes; curl --data-binary sends form-urlencoded unless told otherwise.
 RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded", "")
 # On every prediction answer: "<version> <first 12 hex digits of the checkpoint's sha256>".
 VERSION_HEADER = "X-Model-Version"
+
+
+def compact_json(payload: Any, status: int = 200) -> Response:
+    """A JSON answer without spaces (the V1 and V2 protocols' answers)."""
+    return Response(json.dumps(payload, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def answer_errors_as_messages(blueprint: Blueprint) -> None:
+    """Everything raised under the blueprint answers {"error": "message"} (KServe V1 and V2), with the
+    headers, error code and log line every ServeError or HTTPException answer gets (serve/errors.py)."""
+
+    @blueprint.errorhandler(ServeError)
+    def _serve_error(exc: ServeError) -> Response:
+        return finish_serve_error(exc, compact_json({"error": exc.message}, exc.status))
+
+    @blueprint.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return finish_http_error(exc, compact_json({"error": exc.description or exc.name}, exc.code or 500))
+
+    @blueprint.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return note(compact_json({"error": "internal server error"}, 500), error_code="internal_error")
 
 
 def client_timeout(req: Request) -> tuple[float | None, str]:

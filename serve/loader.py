@@ -2,11 +2,9 @@
 in eval mode; its labels."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ from serve.formats.packaged import open_model
 from serve.formats.state_dict import build_module, find_state_dict, load_weights, read_checkpoint, weights_path
 from serve.formats.timm_folder import is_transformers_folder
 from serve.runtimes.onnx import open_onnx_file
+from serve.sources.cache import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +54,6 @@ def resolve_device(name: str) -> torch.device:
         found = f"found {count} CUDA device{'s' if count != 1 else ''}"
         raise DeviceError(f"device '{name}' not available ({found})")
     return torch.device("cuda", index)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:

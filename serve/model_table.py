@@ -101,6 +101,8 @@ class ModelTable:
         self.wanted: dict[str, tuple[Mapping[str, Source], str]] = {}
         self.residency = Residency(config.server.model_memory_budget)
         self.evicted: set[str] = set()
+        # Lazy models that alone outgrew the budget, with the error: refused at once until their versions change.
+        self.too_large: dict[str, str] = {}
         self.busy_sessions = False  # more than one worker shares the cores (gunicorn_conf, start_worker)
 
     def load(self, names: list[str] | None = None, include_lazy: bool = False) -> None:
@@ -195,6 +197,8 @@ class ModelTable:
                     break
                 if not self.is_lazy(name):
                     self.versions(name)  # ModelNotFoundError
+                if name in self.too_large:
+                    raise ModelTooLargeError(self.too_large[name])  # loading again would find the same size
                 load = self.residency.start_load(name, lambda: self.scheduler.load_soon(self._load_lazy, name))
             try:
                 load.result(timeout=max(0.0, deadline.remaining()))
@@ -221,6 +225,7 @@ class ModelTable:
     def record(self, name: str, wanted: Mapping[str, Source], default: str) -> None:
         """The versions a lazy model not loaded now serves once it loads (the control file's)."""
         self.wanted[name] = (dict(wanted), default)
+        self.too_large.pop(name, None)  # other versions may fit
 
     def describe(self, served: Served) -> dict[str, Any]:
         """A version's metadata, with its model's versions and default (GET /models/<name>)."""
@@ -333,8 +338,9 @@ class ModelTable:
                 dropped = [self.models.pop(name)]
             self.residency.forget(name)
             self.residency.release(dropped)
-            raise ModelTooLargeError(f"model '{name}' holds {size} bytes loaded, more than the whole "
-                                     f"model_memory_budget ({budget}); raise the budget or give it less to hold")
+            self.too_large[name] = (f"model '{name}' holds {size} bytes loaded, more than the whole "
+                                    f"model_memory_budget ({budget}); raise the budget or give it less to hold")
+            raise ModelTooLargeError(self.too_large[name])
         with self.residency.lock:  # no request can take an evicted model between the choice and the drop
             evict = self.residency.admit(name, size, self.config.model(name).pin)
             dropped = [self.models.pop(other) for other in evict]

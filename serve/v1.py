@@ -27,49 +27,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import HTTPException
+from flask import Blueprint, current_app, request
 
 from serve.access import request_trace
 from serve.response_notes import note
-from serve.errors import (
-    InvalidRequestError,
-    ServeError,
-    TooManyImagesError,
-    finish_http_error,
-    finish_serve_error,
+from serve.errors import InvalidRequestError, TooManyImagesError
+from serve.http_io import (
+    VERSION_HEADER,
+    answer_errors_as_messages,
+    client_of,
+    client_timeout,
+    compact_json,
+    read_whole_body,
 )
-from serve.http_io import VERSION_HEADER, client_of, client_timeout, read_whole_body
 from serve.model_table import Served
 from serve.service import Answer, Call, Inputs, PredictionService
 
-log = logging.getLogger(__name__)
-
 v1 = Blueprint("v1", __name__)
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status=status, mimetype="application/json")
-
-
-@v1.errorhandler(ServeError)
-def _serve_error(exc: ServeError) -> Response:
-    return finish_serve_error(exc, _json({"error": exc.message}, exc.status))
-
-
-@v1.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    return finish_http_error(exc, _json({"error": exc.description or exc.name}, exc.code or 500))
-
-
-@v1.errorhandler(Exception)
-def _unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error")
-    return note(_json({"error": "internal server error"}, 500), error_code="internal_error")
+answer_errors_as_messages(v1)
 
 
 def service() -> PredictionService:
@@ -78,15 +56,15 @@ def service() -> PredictionService:
 
 @v1.get("/v1/models")
 def list_models():
-    return _json({"models": list(service().table.wanted)})
+    return compact_json({"models": list(service().table.wanted)})
 
 
 @v1.get("/v1/models/<name>")
 def model_ready(name: str):
     table = service().table
     if table.is_lazy(name) and name not in table.models:
-        return _json({"name": name, "ready": False})  # load: lazy, not loaded now: the first prediction loads it
-    return _json({"name": table.served(name).name, "ready": True})  # served only once warm
+        return compact_json({"name": name, "ready": False})  # load: lazy, not loaded now: the first prediction loads it
+    return compact_json({"name": table.served(name).name, "ready": True})  # served only once warm
 
 
 @v1.post("/v1/models/<name>:predict")
@@ -99,7 +77,7 @@ def predict(name: str, version: str | None = None):
     timeout_s, timeout_source = client_timeout(request)
     answer = service().predict(Call(read, name, version, request.args, "json", timeout_s, timeout_source,
                                     client_of(request), request_trace()))
-    response = _json({"predictions": predictions(answer)})
+    response = compact_json({"predictions": predictions(answer)})
     response.headers[VERSION_HEADER] = answer.tag
     return note(response, batch_size=answer.batch_size)
 
@@ -108,7 +86,7 @@ def predict(name: str, version: str | None = None):
 @v1.post("/v1/models/<name>/versions/<version>:explain")
 def explain(name: str, version: str | None = None):
     service().table.served(name, version)  # an unknown model is still a 404
-    return note(_json({"error": f"model '{name}' has no explainer; use :predict"}, 501), error_code="not_implemented")
+    return note(compact_json({"error": f"model '{name}' has no explainer; use :predict"}, 501), error_code="not_implemented")
 
 
 def predictions(answer: Answer) -> list[Any]:

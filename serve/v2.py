@@ -50,9 +50,7 @@ forward included) runs on the scheduler's inference thread.
 from __future__ import annotations
 
 import json
-import logging
 import zlib
-from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import (
@@ -67,17 +65,19 @@ from serve.response_notes import note
 from serve.admission import v2_timeout_s
 from serve.errors import (
     InvalidRequestError,
-    ServeError,
     UnsupportedMediaTypeError,
-    finish_http_error,
-    finish_serve_error,
 )
-from serve.http_io import VERSION_HEADER, client_of, client_timeout, read_whole_body
+from serve.http_io import (
+    VERSION_HEADER,
+    answer_errors_as_messages,
+    client_of,
+    client_timeout,
+    compact_json,
+    read_whole_body,
+)
 from serve.model_table import Served
 from serve.service import Call, Inputs, PredictionService
 from serve.v2_codec import IMAGE_INPUT, TENSOR_INPUT, encode_response, parameters, parse_input, parse_outputs
-
-log = logging.getLogger(__name__)
 
 v2 = Blueprint("v2", __name__)
 
@@ -86,30 +86,7 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "pytorch"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    body = json.dumps(payload, separators=(",", ":"))
-    return Response(body, status=status, mimetype="application/json")
-
-
-# --- errors: the V2 shape for everything raised under /v2 -------------------------------------------
-
-
-@v2.errorhandler(ServeError)
-def _serve_error(exc: ServeError) -> Response:
-    return finish_serve_error(exc, _json({"error": exc.message}, exc.status))
-
-
-@v2.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    return finish_http_error(exc, _json({"error": exc.description or exc.name}, exc.code or 500))
-
-
-@v2.errorhandler(Exception)
-def _unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error")
-    return note(_json({"error": "internal server error"}, 500), error_code="internal_error")
+answer_errors_as_messages(v2)
 
 
 # --- health and metadata ------------------------------------------------------------------------------
@@ -117,18 +94,18 @@ def _unexpected(exc: Exception) -> Response:
 
 @v2.get("/v2/health/live")
 def server_live():
-    return _json({"live": True})
+    return compact_json({"live": True})
 
 
 @v2.get("/v2/health/ready")
 def server_ready():
     ready = service().table.ready
-    return _json({"ready": ready}, 200 if ready else 503)
+    return compact_json({"ready": ready}, 200 if ready else 503)
 
 
 @v2.get("/v2")
 def server_metadata():
-    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+    return compact_json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
 
 
 def service() -> PredictionService:
@@ -148,7 +125,7 @@ def model_metadata(name: str, version: str | None = None):
     inputs = [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}]
     if task.fixed_size:
         inputs.insert(0, {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, *task.input_shape]})
-    return _json({
+    return compact_json({
         "name": served.name,
         "versions": list(service().table.versions(name).versions),
         "platform": PLATFORM,
@@ -161,7 +138,7 @@ def model_metadata(name: str, version: str | None = None):
 @v2.get("/v2/models/<name>/ready")
 @v2.get("/v2/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None):
-    return _json({"name": _model(name, version).name, "ready": True})  # served only once warm
+    return compact_json({"name": _model(name, version).name, "ready": True})  # served only once warm
 
 
 @v2.post("/v2/repository/index")
@@ -174,7 +151,7 @@ def repository_index():
     rows = service().table.index()
     if body.get("ready") is True:
         rows = [row for row in rows if row["state"] == "READY"]
-    return _json([{k: v for k, v in row.items() if v != "" or k != "reason"} for row in rows])
+    return compact_json([{k: v for k, v in row.items() if v != "" or k != "reason"} for row in rows])
 
 
 @v2.route("/v2/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])

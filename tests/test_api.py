@@ -270,7 +270,7 @@ def test_reload_swaps_weights_only_when_the_new_file_works(tiny_checkpoint, make
 
 
 def test_reload_refuses_a_file_that_fails_its_sha256(tiny_checkpoint, make_app):
-    from serve.loader import file_sha256
+    from serve.sources.cache import file_sha256
 
     spec = tiny_model_config(tiny_checkpoint, sha256=file_sha256(tiny_checkpoint))
     client = make_app(spec, enable_management=True).test_client()

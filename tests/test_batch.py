@@ -150,7 +150,7 @@ def test_killed_with_sigkill_then_resumed_writes_every_image_exactly_once(photos
     result = subprocess.run([*command[:-2], "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    assert f"already there" in result.stderr
+    assert "already there" in result.stderr
     got = lines(out)
     paths = sorted(str(p) for p in photos.rglob("*") if p.suffix in (".jpg", ".png"))
     assert [g["path"] for g in got] == paths  # every image once, in input order

@@ -19,12 +19,10 @@ import yaml
 from formats_helpers import photo
 from PIL import Image
 
-from serve.app import create_app
 from serve.cli import main
 from serve.config import build_config
 from serve.errors import CheckpointError, ConfigError
 from serve.formats import transformers_folder
-from serve.formats.packaged import apply_implied
 from serve.formats.timm_folder import is_timm_folder, is_transformers_folder
 from serve.loader import load_model
 from serve.preprocess import PreprocessSpec, build_normalizer, build_transform

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from certs import TestCA
-from conftest import LABELS, image_bytes, tiny_model_config, tiny_net, write_config
+from conftest import image_bytes, tiny_model_config, tiny_net, write_config
 
 from serve.app import create_app
 from serve.cli import main
@@ -509,7 +509,7 @@ def test_hf_model_folder_is_fetched_at_one_commit_and_fills_the_entry(serve_file
     assert spec.architecture == "timm:test_resnet" and spec.labels is not None and len(spec.labels) == 10
     assert sorted(p.name for p in spec.checkpoint.iterdir()) == ["config.json", "model.safetensors"]
     commit = hub.commits["org/net"]
-    assert [r[1] for r in server.gets()] == [f"/api/models/org/net/revision/main?blobs=true",
+    assert [r[1] for r in server.gets()] == ["/api/models/org/net/revision/main?blobs=true",
                                             f"/org/net/resolve/{commit}/config.json",
                                             f"/org/net/resolve/{commit}/model.safetensors"]
     from formats_helpers import served

@@ -34,7 +34,8 @@ def key_of(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read a megabyte at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -47,12 +48,22 @@ def verified(part: Path, expected: str | None, what: str) -> str:
 
     Raises: CheckpointError: the digests differ.
     """
-    digest = file_digest(part)
+    digest = file_sha256(part)
     if expected and digest != expected.lower():
         part.unlink(missing_ok=True)
         raise CheckpointError(f"{what}: sha256 is {digest}, the config expects {expected.lower()}; "
                               "nothing was cached")
     return digest
+
+
+def pinned(entry: Path, digest: str, sha256: str | None, what: str, cached_as: str) -> Path:
+    """A cached entry, if its sha256 is the one the config pins (or none is pinned).
+
+    Raises: CheckpointError: another digest; `cached_as` says which version of the source it is.
+    """
+    if sha256 is not None and digest != sha256.lower():
+        raise CheckpointError(f"{what}: sha256 is {digest} ({cached_as}), the config expects {sha256.lower()}")
+    return entry
 
 
 def tree_digest(files: dict[str, str]) -> str:
@@ -110,6 +121,22 @@ class SourceCache:
         except (OSError, ValueError):
             return None
         return ref if isinstance(ref, dict) and isinstance(ref.get("entry"), str) else None
+
+    def current(self, ref: dict | None, version: str) -> Path | None:
+        """The entry a ref names, if it is of this version of the source (an ETag, a commit) and cached."""
+        if ref is None or ref.get("version") != version:
+            return None
+        return self.entry(ref)
+
+    def offline(self, ref: dict | None, sha256: str | None, what: str, cached_as: str) -> Path:
+        """Offline mode: the entry the source last resolved to, whatever its version now.
+
+        Raises: CheckpointError: not cached, or not the pinned sha256.
+        """
+        entry = self.entry(ref) if ref is not None else None
+        if entry is None:
+            raise CheckpointError(f"{what}: offline, and not in the source cache {self.root}")
+        return pinned(entry, ref["sha256"], sha256, what, cached_as)
 
     def entry(self, ref: dict) -> Path | None:
         """A ref's entry, if it is still cached."""

@@ -22,10 +22,11 @@ from serve.errors import CheckpointError
 from serve.formats.timm_folder import WEIGHTS_FILES
 from serve.sources import web
 from serve.sources.address import Address
-from serve.sources.cache import SourceCache, key_of, tree_digest, verified
+from serve.sources.cache import SourceCache, key_of, pinned, tree_digest, verified
 from serve.sources.transfer import download, retried
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CACHED_AS = "as cached for the revision's current commit"
 
 
 def fetch(address: Address, sha256: str | None, cache: SourceCache, settings) -> Path:
@@ -40,18 +41,15 @@ def fetch(address: Address, sha256: str | None, cache: SourceCache, settings) ->
         return hit
     ref = cache.ref(source)
     if settings.offline:
-        entry = cache.entry(ref) if ref is not None else None
-        if entry is None:
-            raise CheckpointError(f"{what}: offline, and not in the source cache {cache.root}")
-        return _pinned(entry, ref["sha256"], sha256, what)
+        return cache.offline(ref, sha256, what, CACHED_AS)
     hub = _Hub(settings, what)
     revision = quote(address.revision or "main", safe="")
     if address.is_folder:
         commit, files = hub.folder(address.authority, revision)
     else:
         commit, files = hub.file(address.authority, revision, address.path)
-    if ref is not None and ref.get("version") == commit and (entry := cache.entry(ref)) is not None:
-        return _pinned(entry, ref["sha256"], sha256, what)
+    if (entry := cache.current(ref, commit)) is not None:
+        return pinned(entry, ref["sha256"], sha256, what, CACHED_AS)
     cache.check_size(sum(size or 0 for size, _ in files.values()), what)
     key = key_of(f"{source}\0{commit}")
     with cache.lock(key):
@@ -86,13 +84,6 @@ def _fetch_folder(hub: _Hub, address: Address, commit: str, files: dict, sha256:
         return cache.commit_tree(staged, tree_digest(digests)), digests[weights]
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # gone already once committed
-
-
-def _pinned(entry: Path, digest: str, sha256: str | None, what: str) -> Path:
-    if sha256 is not None and digest != sha256.lower():
-        raise CheckpointError(f"{what}: sha256 is {digest} (as cached for the revision's current commit), "
-                              f"the config expects {sha256.lower()}")
-    return entry
 
 
 def _check_lfs(digest: str, lfs_sha256: str | None, part: Path, what: str) -> None:

@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from serve.errors import CheckpointError, ConfigError
+from serve.errors import CheckpointError
 from serve.extras import require
 from serve.sources.address import Address
-from serve.sources.cache import SourceCache, key_of, verified
+from serve.sources.cache import SourceCache, key_of, pinned, verified
 from serve.sources.transfer import Opened, Transient, download, retried
 
 CHUNK = 1 << 20
+CACHED_AS = "the object as cached for its current ETag"
 CREDENTIALS = ("the credentials come from server.s3_access_key_id / s3_secret_access_key (SERVE_S3_ACCESS_KEY_ID, "
                "SERVE_S3_SECRET_ACCESS_KEY), else the standard AWS variables, ~/.aws or the pod's role")
 
@@ -53,34 +54,24 @@ def fetch(address: Address, sha256: str | None, cache: SourceCache, settings) ->
         return hit  # the pinned bytes are here: nothing to ask S3
     ref = cache.ref(source)
     if settings.offline:
-        entry = cache.entry(ref) if ref is not None else None
-        if entry is None:
-            raise CheckpointError(f"{what}: offline, and not in the source cache {cache.root}")
-        return _pinned(entry, ref["sha256"], sha256, what)
+        return cache.offline(ref, sha256, what, CACHED_AS)
     s3 = client(settings)
     head = retried(lambda: _call(lambda: s3.head_object(Bucket=address.authority, Key=address.path), what), what)
     etag, size = head.get("ETag", ""), int(head.get("ContentLength", 0))
-    if ref is not None and ref.get("version") == etag and (entry := cache.entry(ref)) is not None:
-        return _pinned(entry, ref["sha256"], sha256, what)
+    if (entry := cache.current(ref, etag)) is not None:
+        return pinned(entry, ref["sha256"], sha256, what, CACHED_AS)
     cache.check_size(size, what)
     key = key_of(f"{source}\0{etag}")
     with cache.lock(key):
         ref = cache.ref(source)
-        if ref is not None and ref.get("version") == etag and (entry := cache.entry(ref)) is not None:
-            return _pinned(entry, ref["sha256"], sha256, what)
+        if (entry := cache.current(ref, etag)) is not None:
+            return pinned(entry, ref["sha256"], sha256, what, CACHED_AS)
         part = cache.partial(key)
         download(lambda offset: _open_at(s3, address, offset, etag, size, what), part, what, cache.max_bytes)
         digest = verified(part, sha256, what)
         entry = cache.commit_file(part, digest, address.name)
         cache.write_ref(source, entry, etag, digest)
         return entry
-
-
-def _pinned(entry: Path, digest: str, sha256: str | None, what: str) -> Path:
-    if sha256 is not None and digest != sha256.lower():
-        raise CheckpointError(f"{what}: sha256 is {digest} (the object as cached for its current ETag), "
-                              f"the config expects {sha256.lower()}")
-    return entry
 
 
 def _open_at(s3: Any, address: Address, offset: int, etag: str, size: int, what: str) -> Opened:
