@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, prog: str = "ckpt-serve") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     commands = {"serve": run_serve, "inspect": run_inspect, "check": run_check, "predict": run_predict,
-                "batch": run_batch}
+                "batch": run_batch, "quantize": run_quantize}
     try:
         return commands[args.command](args)
     except ServeError as exc:
@@ -97,6 +97,16 @@ def build_parser(prog: str = "ckpt-serve") -> argparse.ArgumentParser:
         "one line per model, or what is wrong; exits 1 on an error.",
         ["", "models.yaml"])
     check.add_argument("config", nargs="?", type=Path, help="default: SERVE_CONFIG or the bundled models.yaml")
+
+    quantize = command(
+        "quantize", "build a model's int8 copy into the cache and print its accuracy gate",
+        "Quantise each model of a config (or --model) to int8 as precision: int8 does at start-up: calibrate "
+        "on calibration.images (or the fallback photos), gate against fp32 on the held-out images, time both; "
+        "write the int8 model into onnx_cache_dir, so servers with precision: int8 start from the cache. Prints "
+        "the gate's figures; exits 1 where int8 fails its gate (fp32 would serve). See docs/precision.md.",
+        ["", "--config models.yaml --model efficientnet_lite0"])
+    quantize.add_argument("--config", type=Path, help="the models.yaml (default: SERVE_CONFIG or the bundled one)")
+    quantize.add_argument("--model", help="one model's name (default: every model of the config)")
 
     predict = command(
         "predict", "print a model's answer for an image (its task's JSON)",
@@ -326,10 +336,50 @@ def run_check(args: argparse.Namespace) -> int:
         meta = predictor.metadata()
         print(
             f"{meta['name']}: ok, {predictor.task.summary()}, {meta['architecture']} on {meta['device']}, "
-            f"runtime {_runtime_line(meta['runtime'])}, {meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
+            f"runtime {_runtime_line(meta['runtime'])}{_precision_line(meta['runtime'])}, "
+            f"{meta['checkpoint']['layout']}, loaded in {meta['load_time_s']}s"
         )
     service.close()
     return 0
+
+
+def _precision_line(runtime: dict) -> str:
+    """Where int8 was asked for: int8 and its gate's figures, or fp32 and why."""
+    if runtime.get("requested_precision") in (None, "fp32"):
+        return ""
+    figures = runtime.get("int8") or {}
+    gate, speed = figures.get("gate") or {}, figures.get("speed") or {}
+    measured = ", ".join(f"{k} {v}" for k, v in gate.items())
+    if speed:
+        measured += f", {speed['speedup']}x fp32's speed (batch {speed['batch']})"
+    if runtime["precision"] == "int8":
+        return f", precision int8 (gate passed: {measured}; cache {figures.get('cache')})"
+    return f", precision fp32 (int8 refused: {runtime.get('precision_reason')}{f'; {measured}' if measured else ''})"
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Build each chosen model's int8 copy into the ONNX cache (precision int8, whatever the config says)
+    and print its gate's figures; exits 1 where a model fails its gate."""
+    config = load_config(args.config)
+    names = [args.model] if args.model else [m.name for m in config.models]
+    unknown = sorted(set(names) - {m.name for m in config.models})
+    if unknown:
+        raise InvalidRequestError(f"no model {unknown[0]!r} in the config (it has {[m.name for m in config.models]})")
+    models = tuple(m.model_copy(update={"precision": "int8", "load": "eager", "versions": tuple(
+        v.model_copy(update={"precision": None}) for v in m.versions)}) if m.name in names else m
+        for m in config.models)
+    service = PredictionService.load(config.model_copy(update={"models": models}), names=names, include_lazy=True)
+    failed = 0
+    try:
+        for name in names:
+            for version in service.table.versions(name).versions.values():
+                runtime = version.predictor.describe_runtime()
+                failed += runtime["precision"] != "int8"
+                print(f"{name} version {version.version}: {json.dumps(runtime.get('int8'), indent=2)}")
+                print(f"{name} version {version.version}: {_precision_line(runtime)[2:]}")
+    finally:
+        service.close()
+    return 1 if failed else 0
 
 
 def _runtime_line(runtime: dict) -> str:

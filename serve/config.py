@@ -27,6 +27,7 @@ from serve.sources.address import is_remote
 from serve.sources.allow import check_pattern
 from serve.sources.resolver import Resolver, SourceSettings
 from serve.tasks import TASKS
+from serve.tasks.detect import INT8_REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
@@ -51,6 +52,36 @@ def _local_checkpoint(value: Any) -> Any:
     return value
 
 
+class CalibrationSpec(_Frozen):
+    """precision int8: the images that calibrate the quantised model and those its gate is judged on."""
+
+    images: Path | None = Field(None, description="a folder of images (searched recursively, in the order of their "
+                                "contents' sha256): the first `count` calibrate, the next `held_out` are the gate's; "
+                                "None: the fallback set of docs/precision.md, with a warning that the gate is weaker")
+    count: int = Field(32, gt=0, le=1024, description="images that calibrate the activation ranges")
+    held_out: int = Field(32, ge=8, le=1024, description="images the calibration never saw, on which the gate "
+                          "compares int8 with fp32")
+
+
+class Int8Gate(_Frozen):
+    """precision int8: how close to fp32 int8 must answer on the held-out images, and how much faster it must be
+    (docs/precision.md has the measurements behind the defaults)."""
+
+    top1_agreement: float = Field(0.97, ge=0, le=1, description="classify: the share of decisive held-out images "
+                                  "(see top1_margin) whose int8 top-1 class is fp32's")
+    top1_margin: float = Field(0.05, ge=0, le=1, description="classify: an image is decisive when fp32's top-1 "
+                               "probability leads its second by at least this; near-ties may flip either way "
+                               "without changing accuracy")
+    top5_containment: float = Field(0.97, ge=0, le=1, description="classify: the share of all held-out images whose "
+                                    "fp32 top-1 class is in int8's top-5")
+    cosine: float = Field(0.98, ge=-1, le=1, description="embed: the lowest cosine similarity of an int8 embedding "
+                          "to fp32's")
+    pixel_agreement: float = Field(0.97, ge=0, le=1, description="segment: the share of pixels whose int8 class is "
+                                   "fp32's, over all held-out images")
+    min_speedup: float = Field(1.2, ge=0, description="int8 must run the same batch at least this many times faster "
+                               "than fp32, measured at start on this machine; 0: no speed check")
+
+
 class VersionSpec(_Frozen):
     """One version of a model: its own checkpoint, and the fields that may differ between versions."""
 
@@ -66,10 +97,11 @@ class VersionSpec(_Frozen):
     weights: Literal["default", "ema"] | None = None
     strip_prefix: str | None = Field(None, pattern=r"^[^.].*\.$")
     labels: tuple[str, ...] | Path | str | None = None
+    precision: Literal["fp32", "int8"] | None = None
 
 
 # The fields a version entry sets over its model's (None: the model's own).
-VERSION_FIELDS = ("checkpoint", "sha256", "state_dict_key", "weights", "strip_prefix", "labels")
+VERSION_FIELDS = ("checkpoint", "sha256", "state_dict_key", "weights", "strip_prefix", "labels", "precision")
 
 
 class ModelSpec(_Frozen):
@@ -114,6 +146,14 @@ class ModelSpec(_Frozen):
     # What runs the forward (serve/runtimes): auto exports to ONNX at start-up, checks it against eager
     # and serves it only if they agree; onnxruntime fails start-up instead of falling back.
     runtime: Literal["auto", "eager", "onnxruntime"] = "auto"
+    # Precision (docs/precision.md): int8 is ONNX Runtime's static quantisation of the fp32 export, served
+    # only where it passes its accuracy gate against fp32 and is faster; otherwise fp32, with the reason.
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="int8: ONNX Runtime's static quantisation of the fp32 export, calibrated through the "
+        "model's own preprocessing, served only where it passes `int8_gate` (else fp32, with the reason in "
+        "/models/<name>); a version may set its own")
+    calibration: CalibrationSpec = Field(CalibrationSpec(), description="precision int8: calibration and held-out images")
+    int8_gate: Int8Gate = Field(Int8Gate(), description="precision int8: the accuracy and speed it must reach")
     task_options: Any = None
     response_format: Literal["json", "torchserve"] = Field(
         "json", description="the default answer shape; torchserve: that of TorchServe's default handlers")
@@ -173,6 +213,11 @@ class ModelSpec(_Frozen):
         repeated = sorted({v for v in names if names.count(v) > 1})
         if repeated:
             raise ValueError(f"versions must be unique, repeated: {repeated}")
+        int8 = self.precision == "int8" or any(v.precision == "int8" for v in self.versions)
+        if int8 and self.runtime == "eager":
+            raise ValueError("precision int8 runs on ONNX Runtime: set runtime auto or onnxruntime, not eager")
+        if int8 and self.task == "detect":
+            raise ValueError(INT8_REFUSAL)
         if self.default_version is not None and self.default_version not in (names or [DEFAULT_VERSION]):
             raise ValueError(f"default_version '{self.default_version}' is not one of the versions {names or [DEFAULT_VERSION]}")
         return self
@@ -597,6 +642,10 @@ def _resolve_model(raw: Any, index: int, base: Path, env: Mapping[str, str], fet
         model["checkpoint"] = _resolve_path(model["checkpoint"], base, name, "checkpoint")
     if isinstance(model.get("checkpoint"), Path) and is_timm_folder(model["checkpoint"]):
         model = _with_folder_fields(model, name)  # a transformers folder says its fields when loaded (Implied)
+    calibration = model.get("calibration")
+    if isinstance(calibration, dict) and isinstance(calibration.get("images"), str):
+        model["calibration"] = {**calibration,
+                                "images": _resolve_path(calibration["images"], base, name, "calibration.images")}
     labels = model.get("labels")
     if isinstance(labels, str) and not labels.startswith(TORCHVISION_LABELS_SCHEME):
         model["labels"] = _resolve_path(labels, base, name, "labels")

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # Bodies taken as raw image bytes; curl --data-binary sends form-urlencoded unless told otherwise.
 RAW_TYPES = ("application/octet-stream", "application/x-www-form-urlencoded", "")
-# On every prediction answer: "<version> <first 12 hex digits of the checkpoint's sha256>".
+# On every prediction answer: "<version> <first 12 hex digits of the checkpoint's sha256>", and " int8"
+# where precision int8 answered (docs/precision.md).
 VERSION_HEADER = "X-Model-Version"
 
 

@@ -72,8 +72,10 @@ class Served:
 
     @property
     def tag(self) -> str:
-        """The X-Model-Version header: the version and the first 12 hex digits of its checkpoint's sha256."""
-        return f"{self.version} {self.sha256[:12]}"
+        """The X-Model-Version header: the version and the first 12 hex digits of its checkpoint's sha256,
+        then " int8" where the int8 model answers (an fp32 answer's header is as before)."""
+        tag = f"{self.version} {self.sha256[:12]}"
+        return f"{tag} int8" if self.predictor.precision == "int8" else tag
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from serve.cores import SMALL_FORWARD_MS, sharing_as
 from serve.errors import CheckpointError, ConfigError, ExportError
 from serve.loader import LoadedModel
 from serve.memory import PixelBudget, release_after
+from serve.precision import WEAK_GATE, calibration_set, decide_int8
 from serve.preprocess import draft, load_image, open_image, upright_size
 from serve.runtimes import RUNTIMES
 from serve.runtimes.onnx import build_onnx_runtime
@@ -43,6 +44,9 @@ class Predictor:
             raise ConfigError(f"model '{spec.name}': field 'response_format': task '{spec.task}' answers "
                               f"{list(self.task.formats)}, not '{spec.response_format}'")
         self.runtime_note: str | None = None  # why the runtime serving is not the one asked for
+        self.precision = "fp32"  # the precision serving: int8 only once it passed its gate (serve/precision.py)
+        self.precision_note: str | None = None  # why fp32 serves where int8 was asked for
+        self.int8_figures: dict[str, Any] | None = None  # the int8 gate's figures, where int8 was asked for
         if loaded.runtime is not None:  # a file only its own runtime runs (an .onnx checkpoint)
             if spec.runtime == "eager":
                 raise ConfigError(f"model '{spec.name}': field 'runtime': {spec.checkpoint.name} runs on "
@@ -128,13 +132,46 @@ class Predictor:
             described = self.runtime.describe()
             log.info("model '%s': serving ONNX Runtime (export %s s, cache %s)", spec.name,
                      described.get("export_s"), described.get("cache"))
+            if spec.precision == "int8":
+                self._choose_precision()
             return
+        if spec.precision == "int8":
+            self.precision_note = f"int8 runs on ONNX Runtime, which can't serve this model: {reason}"
         if spec.runtime == "onnxruntime":
             raise CheckpointError(f"model '{spec.name}': field 'runtime': onnxruntime can't serve it: {reason}")
         self.runtime_note = reason
         chose = spec.runtime == "auto" and not self.task.auto_export  # a policy, not a failure
         log.log(logging.INFO if chose else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
                 spec.name, reason)
+
+    def _choose_precision(self) -> None:
+        """int8 where it passes its gate against fp32 and is faster (serve/precision.py); else fp32, with the reason.
+
+        Raises:
+            ConfigError: calibration.images is not a folder of enough images.
+        """
+        spec = self.spec
+        if self.loaded.device.type != "cpu":
+            self.precision_note = f"int8 runs on the CPU, not on {self.loaded.device}"
+        else:
+            try:
+                images = calibration_set(spec, self.task, self.preprocess)
+            except ExportError as exc:
+                self.precision_note = exc.message
+            else:
+                if images.weak:
+                    log.warning("model '%s': precision int8: %s", spec.name, WEAK_GATE)
+                decision = decide_int8(spec, self.task, self.runtime, self.loaded.sha256, images,
+                                       cache_dir=self.onnx_cache_dir)
+                self.int8_figures, self.precision_note = decision.figures, decision.reason
+                if decision.runtime is not None:
+                    self.runtime, self.precision = decision.runtime, "int8"
+                    self.runtime.use_threads(self.threads)
+        if self.precision == "int8":
+            log.info("model '%s': serving int8 (gate %s, %sx fp32's speed)", spec.name,
+                     self.int8_figures["gate"], self.int8_figures["speed"]["speedup"])
+        else:
+            log.warning("model '%s': serving fp32, not int8: %s", spec.name, self.precision_note)
 
     def warm_runtime(self, busy_sessions: bool = True) -> None:
         """Start the runtime in this process (a forked worker's ONNX Runtime session) before any request
@@ -219,8 +256,12 @@ class Predictor:
     def describe_runtime(self) -> dict[str, Any]:
         """The runtime serving, what was asked for and, after a fallback to eager, why."""
         described = {k: v for k, v in self.runtime.describe().items() if k not in ("name", "runtime")}
+        precision = {"precision": self.precision}
+        if self.spec.precision != "fp32":
+            precision.update(requested_precision=self.spec.precision, precision_reason=self.precision_note,
+                             int8=self.int8_figures)
         return {"name": self.runtime.name, "requested": self.spec.runtime, **described,
-                "fallback_reason": self.runtime_note}
+                "fallback_reason": self.runtime_note, **precision}
 
     def metadata(self) -> dict:
         spec, pre = self.spec, self.spec.preprocess

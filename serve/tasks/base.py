@@ -117,6 +117,13 @@ class Task:
         its rule (messages say "ONNX output differs from eager (<name> rule)"), with staticmethod."""
         raise NotImplementedError
 
+    @staticmethod
+    def int8_gate(fp32: Sequence[Any], int8: Sequence[Any], gate: Any) -> tuple[dict[str, float], str | None]:
+        """precision int8's accuracy gate (serve/precision.py): the task's split outputs of fp32 and int8 for
+        the same held-out images, and the model's int8_gate settings -> the figures measured, and None when
+        int8 passes, else the reason. Each task sets its own rule, with staticmethod."""
+        raise NotImplementedError
+
     # --- the request path ------------------------------------------------------------------------
 
     @property

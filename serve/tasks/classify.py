@@ -1,7 +1,7 @@
 """classify: one image in, the top-k classes with their softmax probabilities out."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,9 +58,37 @@ def probabilities(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str
     return None
 
 
+def top_classes(fp32: Sequence[torch.Tensor], int8: Sequence[torch.Tensor], gate: Any) -> tuple[dict, str | None]:
+    """Classify's int8 gate: of the decisive images (fp32's top-1 probability ahead of its second by at least
+    gate.top1_margin), the share whose int8 top-1 class is fp32's (>= gate.top1_agreement); of all images,
+    the share whose fp32 top-1 class is among int8's top-5 (>= gate.top5_containment). A flip between
+    classes fp32 itself nearly ties is a coin toss either way, not lost accuracy (docs/precision.md)."""
+    e, o = torch.stack(list(fp32)), torch.stack(list(int8))
+    best = e.topk(min(2, e.shape[-1]))
+    top1 = best.indices[:, 0]
+    margin = best.values[:, 0] - (best.values[:, 1] if e.shape[-1] > 1 else 0)
+    same = o.argmax(-1) == top1
+    decisive = margin >= gate.top1_margin
+    agreeing = int(same[decisive].sum())
+    agree = agreeing / int(decisive.sum()) if bool(decisive.any()) else 1.0
+    k = min(TOPK, e.shape[-1])
+    within = float((o.topk(k).indices == top1[:, None]).any(-1).float().mean())
+    figures = {"images": len(e), "decisive": int(decisive.sum()), "top1_agreement": round(agree, 4),
+               "top1_agreement_all": round(float(same.float().mean()), 4), f"top{k}_containment": round(within, 4),
+               "max_prob_diff": round(float((e - o).abs().max()), 4)}
+    if agree < gate.top1_agreement:
+        return figures, (f"int8 top-1 agrees with fp32 on {agreeing} of {int(decisive.sum())} decisive held-out "
+                         f"images ({agree:.1%} < top1_agreement {gate.top1_agreement:.1%})")
+    if within < gate.top5_containment:
+        return figures, (f"fp32's top-1 is in int8's top-{k} on {round(within * len(e))} of {len(e)} held-out "
+                         f"images ({within:.1%} < top5_containment {gate.top5_containment:.1%})")
+    return figures, None
+
+
 class Classify(Task):
     name = "classify"
     verify_runtime = staticmethod(probabilities)
+    int8_gate = staticmethod(top_classes)
     torchserve_handler = "image_classifier"
     Options = ClassifyOptions
     Result = Classification

@@ -74,9 +74,19 @@ def detections(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | 
     return None
 
 
+INT8_REFUSAL = ("precision int8 is not offered for task detect: its ONNX export runs per image with "
+                "data-dependent post-processing, and published int8 detectors lose 3-6 points of accuracy; use fp32")
+
+
+def no_int8(fp32: Any, int8: Any, gate: Any) -> tuple[dict, str | None]:
+    """Detect's int8 gate: none passes (the config refuses precision int8 for detect; this says why if reached)."""
+    return {}, INT8_REFUSAL
+
+
 class Detect(Task):
     name = "detect"
     verify_runtime = staticmethod(detections)
+    int8_gate = staticmethod(no_int8)
     # A detector's post-processing is data-dependent: the TorchScript exporter traces it for one image,
     # and a Faster R-CNN export answered other boxes than eager on the cat photo. Only when asked for.
     auto_export = False

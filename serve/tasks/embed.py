@@ -2,6 +2,7 @@
 (`embed: {node: avgpool}`, through torchvision.models.feature_extraction), optionally L2-normalised."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,9 +48,21 @@ def vectors(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | Non
     return None
 
 
+def cosines(fp32: Sequence[torch.Tensor], int8: Sequence[torch.Tensor], gate: Any) -> tuple[dict, str | None]:
+    """Embed's int8 gate: every held-out image's int8 vector within cosine similarity gate.cosine of fp32's."""
+    cosine = torch.nn.functional.cosine_similarity(torch.stack(list(fp32)), torch.stack(list(int8)), dim=1)
+    figures = {"images": len(cosine), "min_cosine": round(float(cosine.min()), 5),
+               "mean_cosine": round(float(cosine.mean()), 5)}
+    if cosine.min() < gate.cosine:
+        return figures, (f"an int8 embedding's cosine similarity to fp32's is {float(cosine.min()):.4f} "
+                         f"(held-out image {int(cosine.argmin())}; the gate's cosine is {gate.cosine:g})")
+    return figures, None
+
+
 class Embed(Task):
     name = "embed"
     verify_runtime = staticmethod(vectors)
+    int8_gate = staticmethod(cosines)
     Options = EmbedOptions
     Result = Embedding
     formats = ("json",)

@@ -74,9 +74,23 @@ def class_map(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | N
     return None
 
 
+def pixel_classes(fp32: Sequence[SegmentOutput], int8: Sequence[SegmentOutput], gate: Any) -> tuple[dict, str | None]:
+    """Segment's int8 gate: the share of all held-out pixels whose int8 class is fp32's (>= gate.pixel_agreement)."""
+    same = sum(int((e.classes == o.classes).sum()) for e, o in zip(fp32, int8))
+    total = sum(e.classes.numel() for e in fp32)
+    worst = min(float((e.classes == o.classes).float().mean()) for e, o in zip(fp32, int8))
+    agree = same / max(1, total)
+    figures = {"images": len(fp32), "pixel_agreement": round(agree, 5), "worst_image_agreement": round(worst, 5)}
+    if agree < gate.pixel_agreement:
+        return figures, (f"int8 gives fp32's class to {agree:.2%} of held-out pixels "
+                         f"(< pixel_agreement {gate.pixel_agreement:.2%})")
+    return figures, None
+
+
 class Segment(Task):
     name = "segment"
     verify_runtime = staticmethod(class_map)
+    int8_gate = staticmethod(pixel_classes)
     torchserve_handler = "image_segmenter"
     Options = SegmentOptions
     Result = Segmentation
