@@ -97,7 +97,7 @@ class VersionSpec(_Frozen):
     weights: Literal["default", "ema"] | None = None
     strip_prefix: str | None = Field(None, pattern=r"^[^.].*\.$")
     labels: tuple[str, ...] | Path | str | None = None
-    precision: Literal["fp32", "int8"] | None = None
+    precision: Literal["fp32", "int8"] | None = Field(None, description="this version's own precision (None: the model's)")
 
 
 # The fields a version entry sets over its model's (None: the model's own).
