@@ -1,0 +1,290 @@
+"""precision: int8 against fp32, side by side in one run: in-process limits, the gate's figures, served throughput.
+
+    ~/.cache/serve-venv/bin/python bench/int8.py                      # ~4 minutes on 2 cores
+    ~/.cache/serve-venv/bin/python bench/int8.py --seconds 4 --rounds 1 --skip-served resnet50   # a quick look
+
+Models: the default EfficientNet-Lite0 (its packaged ImageNet weights) and resnet50 with seeded random
+weights (torch.manual_seed(0)): on random weights every class is a near-tie, so resnet50's gate judges
+nothing (it runs with top1_agreement 0, top5_containment 0; its agreement figures are printed for what
+they are). Each model is loaded through the server's own path (PredictionService: export, calibration
+on the fallback photos, quantisation, the gate), once with precision fp32 and once with int8, sharing one
+ONNX cache; then:
+
+  in-process  each runtime's forward alone (the ONNX Runtime session, the same float batch): batch 8 on
+              every core (img/s) and batch 1 (ms), fp32 and int8 taking turns forward by forward;
+              and the per-image cost of the input path (decode + resize + crop of the cat photo, the
+              task's prepare) beside int8's forward: where a served request's time goes at int8
+  gate        the default model's gate figures on its calibration / held-out split
+  served      gunicorn (serve/gunicorn_conf.py, 2 workers) with precision fp32, then int8, then fp32 and
+              int8 again (--rounds): closed-loop clients in this process (each a thread with its own
+              keep-alive connection) POST the cat photo (451 x 300 JPEG) at c = 4 and 16 for --seconds;
+              req/s and p50 / p99, the median over rounds, and int8 / fp32
+
+Prints a table and the ratios against the targets (default model served int8 >= 2 x fp32 at c = 16,
+passing its gate; resnet50 int8 >= 2.5 x fp32 in-process); --json writes every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+
+import torch  # noqa: E402
+
+from bench import start_ours  # noqa: E402  (bench/bench.py: gunicorn with serve/gunicorn_conf.py)
+
+from serve.config import build_config, load_config  # noqa: E402
+from serve.cores import available_cores  # noqa: E402
+
+CORES = available_cores()
+DEFAULT = "efficientnet_lite0"
+LEVELS = (4, 16)
+
+
+def cat_jpeg() -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def model_entries(workdir: Path) -> dict[str, dict]:
+    """The models' config entries (precision left to the caller): the default model as models.yaml has
+    it, resnet50 with seeded random weights saved here."""
+    import torchvision
+
+    default = load_config(ROOT / "models" / "models.yaml", env={}).model_dump(mode="json")["models"][0]
+    default.update(device="cpu", checkpoint=str(default["checkpoint"]))
+    torch.manual_seed(0)
+    checkpoint = workdir / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), checkpoint)
+    resnet = {"name": "resnet50", "architecture": "resnet50", "checkpoint": str(checkpoint), "device": "cpu",
+              "labels": "torchvision:ResNet18_Weights.IMAGENET1K_V1",
+              # random weights: every class a near-tie, so the gate judges nothing (see the docstring)
+              "int8_gate": {"top1_agreement": 0, "top5_containment": 0}}
+    return {DEFAULT: default, "resnet50": resnet}
+
+
+def load(entry: dict, precision: str, cache: Path):
+    from serve.service import PredictionService
+
+    config = build_config({"models": [{**entry, "precision": precision}],
+                           "server": {"onnx_cache_dir": str(cache)}})
+    return PredictionService.load(config)
+
+
+def paired(runners: dict, batch, reps: int) -> dict[str, float]:
+    """Median seconds of each runner on batch, taking turns run by run (drift hits all alike)."""
+    for fn in runners.values():
+        fn(batch)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(reps):
+        for label, fn in runners.items():
+            started = time.perf_counter()
+            fn(batch)
+            times[label].append(time.perf_counter() - started)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def in_process(name: str, entry: dict, cache: Path, reps: int, photo: bytes) -> dict:
+    services = {p: load(entry, p, cache) for p in ("fp32", "int8")}
+    try:
+        predictors = {p: s.table.predictors[name] for p, s in services.items()}
+        described = predictors["int8"].describe_runtime()
+        runtimes = {p: pr.runtime for p, pr in predictors.items()}
+        assert runtimes["fp32"].name == "onnxruntime", predictors["fp32"].describe_runtime()
+        out = {"int8_served": described["precision"], "int8_reason": described.get("precision_reason"),
+               "int8": described.get("int8")}
+        shape = predictors["fp32"].task.input_shape
+        runners = {p: (lambda x, rt=rt: rt.run_numpy([x], CORES)) for p, rt in runtimes.items()}
+        batch8 = torch.randn(8, *shape).numpy()
+        batch1 = batch8[:1].copy()
+        t8 = paired(runners, batch8, reps)
+        t1 = paired(runners, batch1, reps * 2)
+        out["b8_img_s"] = {p: round(8 / t, 1) for p, t in t8.items()}
+        out["b1_ms"] = {p: round(t * 1000, 2) for p, t in t1.items()}
+        out["b8_ratio"] = round(t8["fp32"] / t8["int8"], 2)
+        out["b1_ratio"] = round(t1["fp32"] / t1["int8"], 2)
+        # The input path of one request (decode + resize + crop + the task's prepare; normalizing is in the batch)
+        prepare = []
+        for _ in range(reps * 2):
+            started = time.perf_counter()
+            predictors["int8"].preprocess(photo)
+            prepare.append(time.perf_counter() - started)
+        out["prepare_ms"] = round(statistics.median(prepare) * 1000, 2)
+        top = {p: pr.predict_batch([pr.preprocess(photo).tensor])[0].topk(5).indices.tolist()
+               for p, pr in predictors.items()}
+        out["cat_top5"] = top
+        return out
+    finally:
+        for s in services.values():
+            s.close()
+
+
+class Clients:
+    """`concurrency` threads, each POSTing the photo on its own keep-alive connection as soon as answered."""
+
+    def __init__(self, port: int, path: str, body: bytes):
+        self.port, self.path, self.body = port, path, body
+
+    def run(self, concurrency: int, seconds: float, warm_s: float = 1.0) -> dict:
+        stop = time.perf_counter() + warm_s + seconds
+        measure_from = time.perf_counter() + warm_s
+        latencies: list[float] = []
+        failures = [0]
+        lock = threading.Lock()
+
+        def client():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            mine, bad = [], 0
+            while True:
+                started = time.perf_counter()
+                if started >= stop:
+                    break
+                try:
+                    conn.request("POST", self.path, body=self.body, headers={"Content-Type": "image/jpeg"})
+                    response = conn.getresponse()
+                    response.read()
+                    ok = response.status == 200
+                except OSError:
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+                    ok = False
+                if started >= measure_from:
+                    if ok:
+                        mine.append(time.perf_counter() - started)
+                    else:
+                        bad += 1
+            conn.close()
+            with lock:
+                latencies.extend(mine)
+                failures[0] += bad
+
+        threads = [threading.Thread(target=client) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        latencies.sort()
+        pick = lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 1)  # noqa: E731
+        return {"requests_per_s": round(len(latencies) / seconds, 1), "p50_ms": pick(0.5), "p99_ms": pick(0.99),
+                "errors": failures[0]}
+
+
+def served(name: str, entry: dict, cache: Path, workdir: Path, args, photo: bytes) -> dict:
+    import yaml
+
+    runs: dict[str, dict[int, list[dict]]] = {p: {c: [] for c in LEVELS} for p in ("fp32", "int8")}
+    starts: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for round_ in range(args.rounds):
+        for precision in (("fp32", "int8") if round_ % 2 == 0 else ("int8", "fp32")):
+            config = workdir / f"{name}-{precision}.yaml"
+            config.write_text(yaml.safe_dump({"models": [{**entry, "precision": precision}],
+                                              "server": {"onnx_cache_dir": str(cache)}}))
+            started = time.perf_counter()
+            server = start_ours(config, 2, workdir / f"{name}-{precision}.log")
+            starts[precision].append(time.perf_counter() - started)
+            try:
+                meta = json.loads(_get(server.port, f"/models/{name}"))["runtime"]
+                assert meta["precision"] == precision, meta
+                clients = Clients(server.port, f"/predictions/{name}", photo)
+                for concurrency in LEVELS:
+                    runs[precision][concurrency].append(clients.run(concurrency, args.seconds))
+                    server.wait_idle(10)
+            finally:
+                server.stop()
+    out: dict = {"start_s": {p: round(statistics.median(s), 1) for p, s in starts.items()}}
+    for concurrency in LEVELS:
+        row = {p: {k: statistics.median(r[k] for r in runs[p][concurrency]) for k in runs[p][concurrency][0]}
+               for p in runs}
+        row["ratio"] = round(row["int8"]["requests_per_s"] / row["fp32"]["requests_per_s"], 2)
+        out[f"c{concurrency}"] = row
+    return out
+
+
+def _get(port: int, path: str) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    return conn.getresponse().read()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency (default 10)")
+    parser.add_argument("--rounds", type=int, default=2, help="fp32/int8 server pairs, alternating order (default 2)")
+    parser.add_argument("--reps", type=int, default=15, help="timed forwards per runtime in-process (default 15)")
+    parser.add_argument("--models", nargs="+", default=[DEFAULT, "resnet50"], choices=[DEFAULT, "resnet50"])
+    parser.add_argument("--skip-served", nargs="*", default=["resnet50"], metavar="MODEL",
+                        help="models not served under gunicorn (default: resnet50, whose target is in-process)")
+    parser.add_argument("--cache", type=Path, help="the ONNX cache to use (default: a fresh one: the first start "
+                        "exports and quantises)")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    load_avg = os.getloadavg()
+    print(f"# {CORES} cores, load average at start {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}", flush=True)
+    photo = cat_jpeg()
+    results: dict = {"cores": CORES, "load_at_start": load_avg}
+    with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
+        workdir = Path(tmp)
+        cache = args.cache or workdir / "onnx"
+        entries = model_entries(workdir)
+        for name in args.models:
+            print(f"\n## {name}: in-process (ONNX Runtime sessions, {CORES} threads)", flush=True)
+            r = results[name] = {"in_process": in_process(name, entries[name], cache, args.reps, photo)}
+            ip = r["in_process"]
+            print(f"int8 served: {ip['int8_served']}" + (f" ({ip['int8_reason']})" if ip["int8_reason"] else ""))
+            print(f"batch 8 img/s: fp32 {ip['b8_img_s']['fp32']}, int8 {ip['b8_img_s']['int8']}, "
+                  f"int8/fp32 {ip['b8_ratio']}x")
+            print(f"batch 1 ms:    fp32 {ip['b1_ms']['fp32']}, int8 {ip['b1_ms']['int8']}, "
+                  f"fp32/int8 {ip['b1_ratio']}x")
+            per_image_int8 = 1000 / ip["b8_img_s"]["int8"]
+            print(f"per image at int8 (batch 8, {CORES} threads): forward {per_image_int8:.2f} ms of a core pair; "
+                  f"the input path (decode + resize + crop of the cat photo, one thread) {ip['prepare_ms']} ms")
+            print(f"cat photo top-5: fp32 {ip['cat_top5']['fp32']}, int8 {ip['cat_top5']['int8']}")
+            int8 = ip["int8"] or {}
+            print(f"gate ({int8.get('calibration')}): {json.dumps(int8.get('gate'))}")
+            print(f"gate's start-up speed check: {json.dumps(int8.get('speed'))}", flush=True)
+            if name not in (args.skip_served or []):
+                print(f"\n## {name}: served, gunicorn 2 workers, cat photo, {args.seconds:g} s x {args.rounds} rounds",
+                      flush=True)
+                s = r["served"] = served(name, entries[name], cache, workdir, args, photo)
+                print(f"start-up s (median): {s['start_s']}")
+                for concurrency in LEVELS:
+                    row = s[f"c{concurrency}"]
+                    print(f"c={concurrency:<3} fp32 {row['fp32']['requests_per_s']} req/s (p50 {row['fp32']['p50_ms']}, "
+                          f"p99 {row['fp32']['p99_ms']} ms)   int8 {row['int8']['requests_per_s']} req/s (p50 "
+                          f"{row['int8']['p50_ms']}, p99 {row['int8']['p99_ms']} ms)   int8/fp32 {row['ratio']}x"
+                          f"   errors {row['fp32']['errors']}/{row['int8']['errors']}", flush=True)
+    print("\n## targets")
+    if DEFAULT in results:
+        d = results[DEFAULT]
+        gate_ok = d["in_process"]["int8_served"] == "int8"
+        served_ratio = d.get("served", {}).get("c16", {}).get("ratio")
+        print(f"default model served int8 at c=16 >= 2x fp32, passing its gate: {served_ratio}x, gate "
+              f"{'passed' if gate_ok else 'failed'} -> {'met' if gate_ok and served_ratio and served_ratio >= 2 else 'not met'}")
+    if "resnet50" in results:
+        ratio = results["resnet50"]["in_process"]["b8_ratio"]
+        print(f"resnet50 int8 >= 2.5x fp32 in-process (batch 8): {ratio}x -> {'met' if ratio >= 2.5 else 'not met'}")
+    load_avg = os.getloadavg()
+    print(f"# load average at the end {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}")
+    results["load_at_end"] = load_avg
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
