@@ -1,7 +1,8 @@
 """precision: int8 against fp32, side by side in one run: in-process limits, the gate's figures, served throughput.
 
     ~/.cache/serve-venv/bin/python bench/int8.py                      # ~4 minutes on 2 cores
-    ~/.cache/serve-venv/bin/python bench/int8.py --seconds 4 --rounds 1 --skip-served resnet50   # a quick look
+    ~/.cache/serve-venv/bin/python bench/int8.py --seconds 4 --rounds 1 --reps 5                # a quick look
+    ~/.cache/serve-venv/bin/python bench/int8.py --recipes                                      # ~3 minutes
 
 Models: the default EfficientNet-Lite0 (its packaged ImageNet weights) and resnet50 with seeded random
 weights (torch.manual_seed(0)): on random weights every class is a near-tie, so resnet50's gate judges
@@ -19,6 +20,9 @@ ONNX cache; then:
               int8 again (--rounds): closed-loop clients in this process (each a thread with its own
               keep-alive connection) POST the cat photo (451 x 300 JPEG) at c = 4 and 16 for --seconds;
               req/s and p50 / p99, the median over rounds, and int8 / fp32
+
+--recipes measures instead the quantisation choices on the default model (docs/precision.md's table):
+each recipe variant's gate figures on the held-out fallback photos and its speed-up over fp32.
 
 Prints a table and the ratios against the targets (default model served int8 >= 2 x fp32 at c = 16,
 passing its gate; resnet50 int8 >= 2.5 x fp32 in-process); --json writes every figure.
@@ -134,6 +138,65 @@ def in_process(name: str, entry: dict, cache: Path, reps: int, photo: bytes) -> 
             s.close()
 
 
+def recipes(entry: dict, cache: Path, reps: int) -> list[dict]:
+    """The default model quantised with each recipe of RECIPES (in this process), judged by the classify
+    gate on the held-out fallback photos and timed against fp32 (batch 8, every core, in turns)."""
+    from dataclasses import replace
+
+    from serve.precision import RECIPE, _held_out_batches, calibration_set
+    from serve.runtimes.onnx import OnnxRuntime
+    from serve.runtimes.onnx.quantize import quantize, time_pair
+
+    service = load(entry, "fp32", cache)
+    try:
+        predictor = service.table.predictors[DEFAULT]
+        fp32, task = predictor.runtime, predictor.task
+        images = calibration_set(predictor.spec, task, predictor.preprocess)
+    finally:
+        service.close()
+    calibration = [x.numpy() for x in images.calibration]
+    held = _held_out_batches(task, images.held_out)
+    reference = [p for b in held for p in task.split(fp32.forward(b), len(b))]
+    speed_batch = held[0].numpy()
+    rows = []
+    for label, changes in RECIPES:
+        recipe = replace(RECIPE, **changes)
+        started = time.perf_counter()
+        model = quantize(fp32.model, calibration, recipe)
+        quantize_s = time.perf_counter() - started
+        int8 = OnnxRuntime(model, fp32.layout, threads=CORES)
+        outputs = [p for b in held for p in task.split(int8.forward(b), len(b))]
+        figures, reason = task.int8_gate(reference, outputs, predictor.spec.int8_gate)
+        run = {k: (lambda b, rt=rt: rt.run_numpy([b], CORES)) for k, rt in (("fp32", fp32), ("int8", int8))}
+        fp32_s, int8_s = time_pair(run["fp32"], run["int8"], speed_batch, reps)
+        rows.append({"recipe": label, **figures, "speedup": round(fp32_s / int8_s, 2),
+                     "int8_img_s": round(len(speed_batch) / int8_s, 1), "quantize_s": round(quantize_s, 1),
+                     "passes": reason is None})
+        row = rows[-1]
+        print(f"{label:34s} top-1 decisive {row['top1_agreement']:.3f} ({row['decisive']} images), all "
+              f"{row['top1_agreement_all']:.3f}, top-5 {row['top5_containment']:.3f}, max |dp| "
+              f"{row['max_prob_diff']:.3f}, {row['speedup']}x fp32 ({row['int8_img_s']} img/s), quantised in "
+              f"{row['quantize_s']} s{'' if row['passes'] else '  FAILS: ' + reason}", flush=True)
+    return rows
+
+
+# Recipe variants measured by --recipes: (label, changes to serve.precision.RECIPE).
+RECIPES = [
+    ("chosen: QDQ per-channel MinMax u8/s8", {}),
+    ("no quant_pre_process", {"pre_process": False}),
+    ("per-tensor weights", {"per_channel": False}),
+    ("Entropy calibration", {"method": "entropy"}),
+    ("Percentile calibration", {"method": "percentile"}),
+    ("QOperator format", {"quant_format": "qoperator"}),
+    ("s8 activations (s8s8)", {"activations": "int8"}),
+    ("reduce_range (7-bit weights)", {"reduce_range": True}),
+    ("stem conv + classifier in fp32", {"keep_fp32": ("first_conv", "last_gemm")}),
+    ("Add nodes in fp32", {"keep_fp32": ("Add",)}),
+    ("stem + blocks 0-1 in fp32", {"keep_fp32": ("first_conv", "/_blocks.0/", "/_blocks.1/")}),
+    ("second recipe: early convs fp32", {"keep_fp32": ("early_convs",)}),
+]
+
+
 class Clients:
     """`concurrency` threads, each POSTing the photo on its own keep-alive connection as soon as answered."""
 
@@ -232,6 +295,8 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, help="the ONNX cache to use (default: a fresh one: the first start "
                         "exports and quantises)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--recipes", action="store_true", help="instead: the default model quantised with each "
+                        "recipe variant (docs/precision.md's table): the gate's figures and the speed-up of each")
     args = parser.parse_args()
     load_avg = os.getloadavg()
     print(f"# {CORES} cores, load average at start {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}", flush=True)
@@ -241,6 +306,10 @@ def main() -> int:
         workdir = Path(tmp)
         cache = args.cache or workdir / "onnx"
         entries = model_entries(workdir)
+        if args.recipes:
+            print(f"\n## {DEFAULT}: recipes (batch 8, {CORES} threads)", flush=True)
+            results["recipes"] = recipes(entries[DEFAULT], cache, args.reps)
+            args.models = []
         for name in args.models:
             print(f"\n## {name}: in-process (ONNX Runtime sessions, {CORES} threads)", flush=True)
             r = results[name] = {"in_process": in_process(name, entries[name], cache, args.reps, photo)}

@@ -353,7 +353,7 @@ def _precision_line(runtime: dict) -> str:
     if speed:
         measured += f", {speed['speedup']}x fp32's speed (batch {speed['batch']})"
     if runtime["precision"] == "int8":
-        return f", precision int8 (gate passed: {measured}; cache {figures.get('cache')})"
+        return f", precision int8 (recipe {figures.get('recipe')}, gate passed: {measured}; cache {figures.get('cache')})"
     return f", precision fp32 (int8 refused: {runtime.get('precision_reason')}{f'; {measured}' if measured else ''})"
 
 

@@ -35,8 +35,10 @@ from serve.tasks.base import Prepared, Task
 log = logging.getLogger(__name__)
 
 INT8_FORMAT = 1  # bump when the int8 cache entry's recipe or layout changes: old entries stop matching
-# The recipe docs/precision.md chose from measurements on the default model.
+# The recipes docs/precision.md chose from measurements on the default model, tried in order until one
+# passes the accuracy gate: every layer int8 (the fastest), then the early layers left in fp32.
 RECIPE = Recipe()
+RECIPES = (RECIPE, Recipe(name="early convs fp32", keep_fp32=("early_convs",)))
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # The fallback set: scikit-image's bundled photos (colour ones first; the grey ones are converted).
 FALLBACK_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -195,15 +197,37 @@ def int8_key_parts(fp32: OnnxRuntime, checkpoint_sha256: str, images: Calibratio
 
 
 def decide_int8(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha256: str, images: CalibrationSet,
-                *, cache_dir: Path | None, recipe: Recipe = RECIPE, threads: int | None = None) -> Decision:
-    """Quantise fp32 (or take the cached int8 model), run both on the held-out images and time both on the
-    same batch, in one forked child; int8's runtime if it passes the task's gate and spec.int8_gate's
-    min_speedup, else None and the reason. Every figure is in Decision.figures."""
+                *, cache_dir: Path | None, recipes: tuple[Recipe, ...] = RECIPES,
+                threads: int | None = None) -> Decision:
+    """Each recipe in turn until one passes the accuracy gate (try_recipe); int8's runtime if it is also fast
+    enough, else None and the reasons. Every figure is in Decision.figures, with "tried": the recipes that
+    failed the accuracy gate before."""
+    tried: list[dict] = []
+    for recipe in recipes:
+        decision, accurate = try_recipe(spec, task, fp32, checkpoint_sha256, images, cache_dir=cache_dir,
+                                        recipe=recipe, threads=threads)
+        if accurate or recipe is recipes[-1] or decision.figures.get("gate") is None:
+            break
+        tried.append({"recipe": recipe.name, "gate": decision.figures["gate"], "reason": decision.reason})
+    if tried:
+        decision.figures["tried"] = tried
+        if decision.reason is not None:
+            decision.reason = "; ".join([f"{t['recipe']}: {t['reason']}" for t in tried] +
+                                        [f"{recipe.name}: {decision.reason}"])
+    return decision
+
+
+def try_recipe(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha256: str, images: CalibrationSet,
+               *, cache_dir: Path | None, recipe: Recipe, threads: int | None = None) -> tuple[Decision, bool]:
+    """Quantise fp32 with recipe (or take the cached int8 model), run both on the held-out images and time
+    both on the same batch, in one forked child; int8's runtime if it passes the task's gate and
+    spec.int8_gate's min_speedup, else None and the reason; and whether it passed the accuracy gate."""
     gate = spec.int8_gate
     threads = threads or available_cores()
     parts = int8_key_parts(fp32, checkpoint_sha256, images, recipe)
     key = cache_key(parts)
-    figures: dict[str, Any] = {"calibration": images.source, "cache": "disabled", "recipe": recipe.key()}
+    figures: dict[str, Any] = {"calibration": images.source, "recipe": recipe.name, "cache": "disabled",
+                               "options": recipe.key()}
     cached = None
     if cache_dir is not None:
         cached, _, problem = read_cached(Path(cache_dir), key)
@@ -234,7 +258,7 @@ def decide_int8(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha25
     try:
         answer = run_in_child(work) if "onnxruntime" not in sys.modules else work()
     except ExportError as exc:
-        return Decision(None, f"int8 quantisation failed: {exc.message}", figures)
+        return Decision(None, f"int8 quantisation failed: {exc.message}", figures), False
     model = answer[0][0].tobytes()
     quantize_s, fp32_s, int8_s = (float(v) for v in answer[1][0])
     outputs = answer[2:]
@@ -255,14 +279,15 @@ def decide_int8(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha25
                 figures["cache"] = "unwritable"
     if images.weak:
         figures["warning"] = WEAK_GATE
+    accurate = reason is None
     if reason is None and gate.min_speedup and speedup < gate.min_speedup:
         reason = (f"int8 is {speedup:.2f}x as fast as fp32 here ({figures['speed']['int8_ms']} against "
                   f"{figures['speed']['fp32_ms']} ms a batch of {speed_batch.shape[0]}; min_speedup "
                   f"{gate.min_speedup:g})")
     if reason is not None:
-        return Decision(None, reason, figures)
+        return Decision(None, reason, figures), accurate
     info = {**fp32.info, "precision": "int8", "int8_cache": figures["cache"]}
-    return Decision(OnnxRuntime(model, layout, threads=threads, info=info), None, figures)
+    return Decision(OnnxRuntime(model, layout, threads=threads, info=info), None, figures), True
 
 
 def _bytes(model: bytes | Path) -> bytes:

@@ -5,6 +5,8 @@ config's refusals; ckpt-serve quantize and check; each task's gate with known an
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from serve.errors import ConfigError
 from serve.tasks.classify import top_classes
 from serve.tasks.embed import cosines
 from serve.tasks.segment import SegmentOutput, pixel_classes
+from servers import ROOT
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 
@@ -90,6 +93,7 @@ def test_a_model_that_passes_its_gate_answers_int8_and_says_so(tmp_path):
     runtime, answer = served(int8_spec(tmp_path), tmp_path / "cache")
     assert runtime["name"] == "onnxruntime" and runtime["precision"] == "int8", runtime
     assert runtime["requested_precision"] == "int8" and runtime["precision_reason"] is None
+    assert runtime["int8"]["recipe"] == "all int8" and "tried" not in runtime["int8"]
     gate = runtime["int8"]["gate"]
     assert gate["images"] == 9 and gate["top1_agreement"] == 1.0 and gate["top3_containment"] == 1.0
     assert runtime["int8"]["cache"] == "miss" and runtime["int8"]["quantize_s"] > 0
@@ -102,8 +106,11 @@ def test_a_quantisation_hostile_model_fails_its_gate_and_serves_fp32_with_the_re
     spec = int8_spec(tmp_path, hostile_net(), architecture="test_int8:HostileNet")
     runtime, answer = served(spec, tmp_path / "cache")
     assert runtime["name"] == "onnxruntime" and runtime["precision"] == "fp32", runtime
-    assert "int8 top-1 agrees with fp32 on" in runtime["precision_reason"]
+    # both recipes tried: every layer int8, then the early convs (here the only one) left in fp32
+    assert runtime["precision_reason"].startswith("all int8: int8 top-1 agrees with fp32 on ")
     assert "decisive held-out images" in runtime["precision_reason"]
+    assert "; early convs fp32: int8 top-1 agrees with fp32 on " in runtime["precision_reason"]
+    assert runtime["int8"]["tried"][0]["recipe"] == "all int8" and runtime["int8"]["recipe"] == "early convs fp32"
     assert runtime["int8"]["gate"]["top1_agreement"] < 0.97
     assert answer["json"]["predictions"][0]["label"] == "blue"  # fp32 answers, and answers right
     assert not answer["version"].endswith("int8")
@@ -172,18 +179,18 @@ def test_quantize_and_check_commands(tmp_path, capsys):
     good = write_config(tmp_path, [int8_spec(tmp_path, precision="fp32")], onnx_cache_dir=str(tmp_path / "cache"))
     assert main(["quantize", "--config", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "tiny version 1: precision int8 (gate passed: images 9, decisive 9, top1_agreement 1.0" in out
+    assert "tiny version 1: precision int8 (recipe all int8, gate passed: images 9, decisive 9, top1_agreement 1.0" in out
     assert "cache miss" in out
     spec = int8_spec(tmp_path)
     assert main(["check", str(write_config(tmp_path, [spec], onnx_cache_dir=str(tmp_path / "cache")))]) == 0
     checked = capsys.readouterr().out
-    assert "precision int8 (gate passed: " in checked and "cache hit" in checked  # quantize built it
+    assert "precision int8 (recipe all int8, gate passed: " in checked and "cache hit" in checked  # quantize built it
     bad = tmp_path / "bad"
     bad.mkdir()
     hostile = write_config(bad, [int8_spec(tmp_path, hostile_net(), architecture="test_int8:HostileNet")],
                            onnx_cache_dir=str(tmp_path / "cache"))
     assert main(["quantize", "--config", str(hostile), "--model", "tiny"]) == 1
-    assert "precision fp32 (int8 refused: int8 top-1 agrees with fp32 on" in capsys.readouterr().out
+    assert "precision fp32 (int8 refused: all int8: int8 top-1 agrees with fp32 on" in capsys.readouterr().out
     assert main(["check", str(hostile)]) == 0
     assert "precision fp32 (int8 refused: " in capsys.readouterr().out
     assert main(["quantize", "--config", str(hostile), "--model", "nope"]) == 1
@@ -231,8 +238,6 @@ def test_default_model_int8_passes_its_gate_on_the_fallback_photos(tmp_path):
     """The packaged EfficientNet-Lite0 with precision int8 and no calibration folder: the fallback photos,
     the gate passed (the speed check left to the benchmark: this machine's load is not ours), the cat
     photo's top-2 as fp32's."""
-    from servers import ROOT
-
     from serve.config import load_config
 
     data = load_config(ROOT / "models" / "models.yaml", env={}).model_dump()
@@ -260,3 +265,16 @@ def test_default_model_int8_passes_its_gate_on_the_fallback_photos(tmp_path):
     # fp32 nearly ties tiger cat and Egyptian cat on this photo (docs/precision.md): either may lead in int8
     assert answers["int8"][0] in answers["fp32"][:2] and answers["fp32"][0] in answers["int8"][:2], answers
     assert {answers["int8"][0], answers["fp32"][0]} <= {"tiger cat", "Egyptian cat", "tabby"}
+
+
+def test_the_process_that_decides_int8_never_imports_onnxruntime(tmp_path):
+    """The fork rule: quantising, gating and timing run in a forked child, so the gunicorn master (which
+    loads models before forking workers) still hasn't imported onnxruntime when int8 is chosen."""
+    config = write_config(tmp_path, [int8_spec(tmp_path)], onnx_cache_dir=str(tmp_path / "cache"))
+    script = ("import sys; from serve.app import create_app; from serve.config import load_config; "
+              f"app = create_app(load_config({str(config)!r})); "
+              "runtime = app.test_client().get('/models/tiny').json['runtime']; app.extensions['serve'].close(); "
+              "print(runtime['precision'], 'onnxruntime' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["int8", "False"]

@@ -26,13 +26,15 @@ class Recipe:
     """How the fp32 model is quantised (part of the cache key). docs/precision.md measures each choice on
     the default model."""
 
+    name: str = "all int8"
     method: str = "minmax"  # the calibration: minmax, entropy or percentile
     per_channel: bool = True  # a scale per output channel of each weight
     quant_format: str = "qdq"  # qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv ...)
     activations: str = "uint8"
     weights: str = "int8"
-    # Nodes left in fp32, by rule: "first_conv" (the stem, fed raw pixels), "last_gemm" (the classifier),
-    # or an op type ("Add", ...) or a node name.
+    # Nodes left in fp32, by rule: "first_conv" (the stem, fed raw pixels), "early_convs" (the first eighth
+    # of the Conv nodes: the high-resolution layers where int8's rounding starts), "last_gemm" (the classifier),
+    # an op type ("Add", ...), a node name, or a part of node names starting with "/" ("/_blocks.0/").
     keep_fp32: tuple[str, ...] = ()
     pre_process: bool = True  # onnxruntime's quant_pre_process (shape inference, BN folding) first
     reduce_range: bool | None = None  # 7-bit weights; None: only where the CPU has no VNNI
@@ -103,8 +105,12 @@ def kept_nodes(graph, rules: tuple[str, ...]) -> list[str]:
     for rule in rules:
         if rule == "first_conv":
             kept += convs[:1]
+        elif rule == "early_convs":
+            kept += convs[:max(1, -(-len(convs) // 8))]
         elif rule == "last_gemm":
             kept += gemms[-1:]
+        elif rule.startswith("/"):  # a part of the exporter's node names: "/_blocks.0/" is a whole block
+            kept += [n.name for n in graph.node if rule in n.name]
         else:
             kept += [n.name for n in graph.node if rule in (n.op_type, n.name)]
     return sorted(set(kept))
