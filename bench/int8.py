@@ -122,13 +122,21 @@ def in_process(name: str, entry: dict, cache: Path, reps: int, photo: bytes) -> 
         out["b1_ms"] = {p: round(t * 1000, 2) for p, t in t1.items()}
         out["b8_ratio"] = round(t8["fp32"] / t8["int8"], 2)
         out["b1_ratio"] = round(t1["fp32"] / t1["int8"], 2)
-        # The input path of one request (decode + resize + crop + the task's prepare; normalizing is in the batch)
-        prepare = []
-        for _ in range(reps * 2):
-            started = time.perf_counter()
-            predictors["int8"].preprocess(photo)
-            prepare.append(time.perf_counter() - started)
-        out["prepare_ms"] = round(statistics.median(prepare) * 1000, 2)
+        # CPU per image, one thread (as a served batch that shares the cores runs): the forward of a batch
+        # of 4 (max_batch_size) in each precision, and the input path of one request (decode + resize + crop
+        # + the task's prepare; normalizing is in the batch). process_time: other processes' load excluded.
+        cpu = {p: (lambda x, rt=rt: rt.run_numpy([x], 1)) for p, rt in runtimes.items()}
+        cpu["input path"] = lambda _: predictors["int8"].preprocess(photo)
+        batch4 = batch8[:4].copy()
+        for fn in cpu.values():
+            fn(batch4)
+        spent: dict[str, list[float]] = {k: [] for k in cpu}
+        for _ in range(reps):
+            for label, fn in cpu.items():
+                started = time.process_time()
+                fn(batch4)
+                spent[label].append((time.process_time() - started) / (1 if label == "input path" else 4))
+        out["cpu_ms_per_image"] = {k: round(statistics.median(v) * 1000, 2) for k, v in spent.items()}
         top = {p: pr.predict_batch([pr.preprocess(photo).tensor])[0].topk(5).indices.tolist()
                for p, pr in predictors.items()}
         out["cat_top5"] = top
@@ -265,13 +273,20 @@ def served(name: str, entry: dict, cache: Path, workdir: Path, args, photo: byte
                 assert meta["precision"] == precision, meta
                 clients = Clients(server.port, f"/predictions/{name}", photo)
                 for concurrency in LEVELS:
-                    runs[precision][concurrency].append(clients.run(concurrency, args.seconds))
+                    before = server.cpu_seconds()
+                    run = clients.run(concurrency, args.seconds)
+                    answered = run["requests_per_s"] * args.seconds
+                    # the server's CPU (master and workers) per answered request (refused ones' cost included),
+                    # the warm-up second's requests counted at the measured rate
+                    run["cpu_ms_per_request"] = round((server.cpu_seconds() - before) * 1000 / max(1.0, answered * (
+                        1 + 1 / args.seconds)), 2)
+                    runs[precision][concurrency].append(run)
                     server.wait_idle(10)
             finally:
                 server.stop()
     out: dict = {"start_s": {p: round(statistics.median(s), 1) for p, s in starts.items()}}
     for concurrency in LEVELS:
-        row = {p: {k: statistics.median(r[k] for r in runs[p][concurrency]) for k in runs[p][concurrency][0]}
+        row = {p: {k: round(statistics.median(r[k] for r in runs[p][concurrency]), 2) for k in runs[p][concurrency][0]}
                for p in runs}
         row["ratio"] = round(row["int8"]["requests_per_s"] / row["fp32"]["requests_per_s"], 2)
         out[f"c{concurrency}"] = row
@@ -319,9 +334,9 @@ def main() -> int:
                   f"int8/fp32 {ip['b8_ratio']}x")
             print(f"batch 1 ms:    fp32 {ip['b1_ms']['fp32']}, int8 {ip['b1_ms']['int8']}, "
                   f"fp32/int8 {ip['b1_ratio']}x")
-            per_image_int8 = 1000 / ip["b8_img_s"]["int8"]
-            print(f"per image at int8 (batch 8, {CORES} threads): forward {per_image_int8:.2f} ms of a core pair; "
-                  f"the input path (decode + resize + crop of the cat photo, one thread) {ip['prepare_ms']} ms")
+            cpu = ip["cpu_ms_per_image"]
+            print(f"CPU ms per image, one thread: forward (batch 4) fp32 {cpu['fp32']}, int8 {cpu['int8']}; the input "
+                  f"path (decode + resize + crop of the cat photo) {cpu['input path']}")
             print(f"cat photo top-5: fp32 {ip['cat_top5']['fp32']}, int8 {ip['cat_top5']['int8']}")
             int8 = ip["int8"] or {}
             print(f"gate ({int8.get('calibration')}): {json.dumps(int8.get('gate'))}")
@@ -336,7 +351,16 @@ def main() -> int:
                     print(f"c={concurrency:<3} fp32 {row['fp32']['requests_per_s']} req/s (p50 {row['fp32']['p50_ms']}, "
                           f"p99 {row['fp32']['p99_ms']} ms)   int8 {row['int8']['requests_per_s']} req/s (p50 "
                           f"{row['int8']['p50_ms']}, p99 {row['int8']['p99_ms']} ms)   int8/fp32 {row['ratio']}x"
-                          f"   errors {row['fp32']['errors']}/{row['int8']['errors']}", flush=True)
+                          f"   errors {row['fp32']['errors']}/{row['int8']['errors']}   server CPU ms/request "
+                          f"{row['fp32']['cpu_ms_per_request']}/{row['int8']['cpu_ms_per_request']}", flush=True)
+                if name == DEFAULT:  # at c=4, where nothing is refused
+                    served_cpu = s["c4"]["int8"]["cpu_ms_per_request"]
+                    cpu = r["in_process"]["cpu_ms_per_image"]
+                    rest = served_cpu - cpu["int8"] - cpu["input path"]
+                    print(f"where an int8 request's {served_cpu} CPU ms go at c=4: forward {cpu['int8']} "
+                          f"({100 * cpu['int8'] / served_cpu:.0f} %), input path {cpu['input path']} "
+                          f"({100 * cpu['input path'] / served_cpu:.0f} %), the rest (HTTP, Flask, admission, "
+                          f"batching, normalize, softmax, answer) {rest:.2f} ({100 * rest / served_cpu:.0f} %)")
     print("\n## targets")
     if DEFAULT in results:
         d = results[DEFAULT]
