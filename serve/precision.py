@@ -238,18 +238,14 @@ def try_recipe(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha256
 
     def work() -> list[list[np.ndarray]]:
         started = time.perf_counter()
-        model = cached if cached is not None else with_metadata(quantize(_bytes(source), calibration, recipe),
-                                                                {KEY_PROP: key})
+        model = cached if cached is not None else with_metadata(
+            quantize(_bytes(source), calibration, recipe, fp32.input_name), {KEY_PROP: key})
         quantize_s = time.perf_counter() - started
-        runs = {}
-        for label, data in (("fp32", source), ("int8", model)):
-            runtime = OnnxRuntime(data, layout, threads=threads)
-            runs[label] = (runtime, runtime.run_numpy([b.numpy() for b in held], threads))
-        sessions = {label: runtime._session(threads) for label, (runtime, _) in runs.items()}
-        fp32_s, int8_s = time_pair(*(lambda b, s=s: s.run(None, {fp32.input_name: b}) for s in sessions.values()),
-                                   speed_batch)
+        runtimes = [OnnxRuntime(data, layout, threads=threads, input_name=fp32.input_name) for data in (source, model)]
+        outputs = [runtime.run_numpy([b.numpy() for b in held], threads) for runtime in runtimes]
+        fp32_s, int8_s = time_pair(*(lambda b, rt=rt: rt.run_numpy([b], threads) for rt in runtimes), speed_batch)
         head = [[np.frombuffer(model, np.uint8)], [np.array([quantize_s, fp32_s, int8_s])]]
-        return head + runs["fp32"][1] + runs["int8"][1]
+        return head + outputs[0] + outputs[1]
 
     try:
         answer = run_in_child(work) if "onnxruntime" not in sys.modules else work()
@@ -283,7 +279,8 @@ def try_recipe(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha256
     if reason is not None:
         return Decision(None, reason, figures), accurate
     info = {**fp32.info, "precision": "int8", "int8_cache": figures["cache"]}
-    return Decision(OnnxRuntime(model, layout, threads=threads, info=info), None, figures), True
+    return Decision(OnnxRuntime(model, layout, threads=threads, info=info, input_name=fp32.input_name), None,
+                    figures), True
 
 
 def _bytes(model: bytes | Path) -> bytes:

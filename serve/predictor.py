@@ -56,6 +56,9 @@ class Predictor:
                                   f"module, which {spec.checkpoint.name} doesn't have")
             self.module, self.eager, self.runtime = None, None, loaded.runtime
             self.runtime.use_threads(threads)
+            if spec.precision == "int8":
+                self.precision_note = (f"int8 is made from the fp32 export of a PyTorch module; {spec.checkpoint.name} "
+                                       "is served as it is")
         else:
             self.module = self.task.adapt(loaded.module)
             self.eager = RUNTIMES["eager"](self.module, loaded.device, spec.half, spec.channels_last)

@@ -278,3 +278,16 @@ def test_the_process_that_decides_int8_never_imports_onnxruntime(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["int8", "False"]
+
+
+def test_an_onnx_checkpoint_serves_as_it_is_with_the_reason(tmp_path):
+    from test_runtime_choice import export_tiny_onnx
+
+    export_tiny_onnx(tmp_path / "model")
+    spec = tiny_model_config(tmp_path / "model" / "tiny.onnx", architecture=None, kwargs={}, runtime="auto",
+                             precision="int8")
+    runtime, answer = served(spec, tmp_path / "cache")
+    assert runtime["precision"] == "fp32" and runtime["cache"] == "file", runtime
+    assert runtime["precision_reason"] == ("int8 is made from the fp32 export of a PyTorch module; tiny.onnx is "
+                                           "served as it is")
+    assert answer["json"]["predictions"][0]["label"] == "blue"
