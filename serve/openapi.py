@@ -33,7 +33,8 @@ IMAGE_BODY = {
 
 
 VERSION_HEADER = {"X-Model-Version": {"description": "the version that answered and the first 12 hex digits of "
-                                                    "its checkpoint's sha256, e.g. '2 3b1c0f9e2a4d'",
+                                                    "its checkpoint's sha256, e.g. '2 3b1c0f9e2a4d', then ' int8' "
+                                                    "where precision int8 answered (docs/precision.md)",
                                      "schema": {"type": "string"}}}
 TIMEOUT_PARAM = {"name": "X-Request-Timeout-Ms", "in": "header", "required": False,
                  "schema": {"type": "number", "exclusiveMinimum": 0},
