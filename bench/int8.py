@@ -273,8 +273,13 @@ def served(name: str, entry: dict, cache: Path, workdir: Path, args, photo: byte
                 assert meta["precision"] == precision, meta
                 clients = Clients(server.port, f"/predictions/{name}", photo)
                 for concurrency in LEVELS:
-                    before = server.cpu_seconds()
+                    before, forward_before = server.cpu_seconds(), forward_totals(server.port)
                     run = clients.run(concurrency, args.seconds)
+                    forward = [b - a for a, b in zip(forward_before, forward_totals(server.port))]
+                    # the server's own measure of its forwards (serve_inference_duration_seconds, wall time of
+                    # each batch, summed over the workers) per image, and the mean batch
+                    run["forward_ms_per_image"] = round(forward[0] * 1000 / max(1.0, forward[1]), 2)
+                    run["mean_batch"] = round(forward[1] / max(1.0, forward[2]), 2)
                     answered = run["requests_per_s"] * args.seconds
                     # the server's CPU (master and workers) per answered request (refused ones' cost included),
                     # the warm-up second's requests counted at the measured rate
@@ -291,6 +296,16 @@ def served(name: str, entry: dict, cache: Path, workdir: Path, args, photo: byte
         row["ratio"] = round(row["int8"]["requests_per_s"] / row["fp32"]["requests_per_s"], 2)
         out[f"c{concurrency}"] = row
     return out
+
+
+def forward_totals(port: int) -> tuple[float, float, float]:
+    """From /metrics, summed over the workers: seconds spent in forwards, images forwarded, batches."""
+    totals = {"serve_inference_duration_seconds_sum": 0.0, "serve_batch_size_sum": 0.0, "serve_batch_size_count": 0.0}
+    for line in _get(port, "/metrics").decode().splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return tuple(totals.values())  # type: ignore[return-value]
 
 
 def _get(port: int, path: str) -> bytes:
@@ -351,16 +366,23 @@ def main() -> int:
                     print(f"c={concurrency:<3} fp32 {row['fp32']['requests_per_s']} req/s (p50 {row['fp32']['p50_ms']}, "
                           f"p99 {row['fp32']['p99_ms']} ms)   int8 {row['int8']['requests_per_s']} req/s (p50 "
                           f"{row['int8']['p50_ms']}, p99 {row['int8']['p99_ms']} ms)   int8/fp32 {row['ratio']}x"
-                          f"   errors {row['fp32']['errors']}/{row['int8']['errors']}   server CPU ms/request "
-                          f"{row['fp32']['cpu_ms_per_request']}/{row['int8']['cpu_ms_per_request']}", flush=True)
-                if name == DEFAULT:  # at c=4, where nothing is refused
-                    served_cpu = s["c4"]["int8"]["cpu_ms_per_request"]
+                          f"   errors {row['fp32']['errors']}/{row['int8']['errors']}", flush=True)
+                    print(f"       server CPU ms/request fp32 {row['fp32']['cpu_ms_per_request']}, int8 "
+                          f"{row['int8']['cpu_ms_per_request']}; of which the forward (the server's metric, ms/image) "
+                          f"fp32 {row['fp32']['forward_ms_per_image']}, int8 {row['int8']['forward_ms_per_image']}; "
+                          f"mean batch {row['fp32']['mean_batch']}/{row['int8']['mean_batch']}", flush=True)
+                if name == DEFAULT:
+                    # CPU figures, all of them: the server's per request at c=4 (nothing refused there), and the
+                    # in-process one-thread forward and input path. The server's forward metric is wall time,
+                    # which a loaded machine inflates past the CPU the forward used.
+                    total = s["c4"]["int8"]["cpu_ms_per_request"]
                     cpu = r["in_process"]["cpu_ms_per_image"]
-                    rest = served_cpu - cpu["int8"] - cpu["input path"]
-                    print(f"where an int8 request's {served_cpu} CPU ms go at c=4: forward {cpu['int8']} "
-                          f"({100 * cpu['int8'] / served_cpu:.0f} %), input path {cpu['input path']} "
-                          f"({100 * cpu['input path'] / served_cpu:.0f} %), the rest (HTTP, Flask, admission, "
-                          f"batching, normalize, softmax, answer) {rest:.2f} ({100 * rest / served_cpu:.0f} %)")
+                    rest = total - cpu["int8"] - cpu["input path"]
+                    print(f"where an int8 request's {total} server CPU ms go (c=4): the forward ~{cpu['int8']} "
+                          f"({100 * cpu['int8'] / total:.0f} %), the input path (decode, resize, crop) "
+                          f"~{cpu['input path']} ({100 * cpu['input path'] / total:.0f} %), the rest (HTTP, Flask, "
+                          f"admission, batching, normalize, softmax, the answer) ~{rest:.2f} "
+                          f"({100 * rest / total:.0f} %); fp32's forward ~{cpu['fp32']} of {s['c4']['fp32']['cpu_ms_per_request']}")
     print("\n## targets")
     if DEFAULT in results:
         d = results[DEFAULT]
