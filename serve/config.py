@@ -27,7 +27,6 @@ from serve.sources.address import is_remote
 from serve.sources.allow import check_pattern
 from serve.sources.resolver import Resolver, SourceSettings
 from serve.tasks import TASKS
-from serve.tasks.detect import INT8_REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = ROOT / "models" / "models.yaml"
@@ -216,8 +215,8 @@ class ModelSpec(_Frozen):
         int8 = self.precision == "int8" or any(v.precision == "int8" for v in self.versions)
         if int8 and self.runtime == "eager":
             raise ValueError("precision int8 runs on ONNX Runtime: set runtime auto or onnxruntime, not eager")
-        if int8 and self.task == "detect":
-            raise ValueError(INT8_REFUSAL)
+        if int8 and TASKS[self.task].int8_refusal:
+            raise ValueError(TASKS[self.task].int8_refusal)
         if self.default_version is not None and self.default_version not in (names or [DEFAULT_VERSION]):
             raise ValueError(f"default_version '{self.default_version}' is not one of the versions {names or [DEFAULT_VERSION]}")
         return self

@@ -71,6 +71,8 @@ class Task:
     v2_classification: ClassVar[bool] = False
     # runtime auto tries ONNX Runtime for this task (runtime: onnxruntime always does).
     auto_export: ClassVar[bool] = True
+    # Why precision int8 is not offered for this task (the config refuses it), or None.
+    int8_refusal: ClassVar[str | None] = None
     # The TorchServe built-in handler this task stands for: a .mar naming it is served as this task.
     torchserve_handler: ClassVar[str | None] = None
 

@@ -87,6 +87,7 @@ class Detect(Task):
     name = "detect"
     verify_runtime = staticmethod(detections)
     int8_gate = staticmethod(no_int8)
+    int8_refusal = INT8_REFUSAL
     # A detector's post-processing is data-dependent: the TorchScript exporter traces it for one image,
     # and a Faster R-CNN export answered other boxes than eager on the cat photo. Only when asked for.
     auto_export = False
