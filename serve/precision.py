@@ -30,6 +30,7 @@ from serve.runtimes.onnx.export import KEY_PROP, with_metadata
 from serve.runtimes.onnx.isolate import run_in_child
 from serve.runtimes.onnx.layout import unflatten
 from serve.runtimes.onnx.quantize import Recipe, quantize, time_pair
+from serve.sources.cache import file_sha256
 from serve.tasks.base import Prepared, Task
 
 log = logging.getLogger(__name__)
@@ -110,16 +111,14 @@ def _folder_images(name: str, calibration: CalibrationSpec,
     folder = calibration.images
     if not folder.is_dir():
         raise ConfigError(f"{where}: {folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    contents = sorted(((hashlib.sha256(data).hexdigest(), path, data) for path in files
-                       for data in [path.read_bytes()]), key=lambda entry: entry[0])
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     prepared: list[Prepared] = []
     wanted = calibration.count + calibration.held_out
-    for _, path, data in contents:
+    for path in sorted(files, key=lambda p: (file_sha256(p), str(p))):  # read one at a time: a folder may be large
         if len(prepared) == wanted:
             break
         try:
-            prepared.append(preprocess(data))
+            prepared.append(preprocess(path.read_bytes()))
         except ServeError as exc:
             log.warning("%s: %s is skipped: %s", where, path, exc.message)
     if len(prepared) < wanted:
