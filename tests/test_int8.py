@@ -1,7 +1,8 @@
 """precision: int8: a quantisation-friendly model passes its gate and answers int8 (the header and /models say
 so); a quantisation-hostile one (a huge-range channel that crushes the rest in int8) and a too-slow one
 serve fp32 with the reason; the int8 model is cached and a changed calibration set is another entry; the
-config's refusals; ckpt-serve quantize and check; each task's gate with known answers."""
+config's refusals; ckpt-serve quantize and check; each task's gate with known answers; the fork rule (the
+deciding process never imports onnxruntime) and gunicorn's forked workers answering int8."""
 from __future__ import annotations
 
 import io
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 from pydantic import ValidationError
@@ -18,12 +20,12 @@ from torch import nn
 from conftest import image_bytes, tiny_model_config, tiny_net, write_config
 from serve.app import create_app
 from serve.cli import main
-from serve.config import Int8Gate, build_config
+from serve.config import Int8Gate, build_config, load_config
 from serve.errors import ConfigError
 from serve.tasks.classify import top_classes
 from serve.tasks.embed import cosines
 from serve.tasks.segment import SegmentOutput, pixel_classes
-from servers import ROOT
+from servers import ROOT, Server
 
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 
@@ -238,8 +240,6 @@ def test_default_model_int8_passes_its_gate_on_the_fallback_photos(tmp_path):
     """The packaged EfficientNet-Lite0 with precision int8 and no calibration folder: the fallback photos,
     the gate passed (the speed check left to the benchmark: this machine's load is not ours), the cat
     photo's top-2 as fp32's."""
-    from serve.config import load_config
-
     data = load_config(ROOT / "models" / "models.yaml", env={}).model_dump()
     answers = {}
     for precision in ("int8", "fp32"):
@@ -291,3 +291,29 @@ def test_an_onnx_checkpoint_serves_as_it_is_with_the_reason(tmp_path):
     assert runtime["precision_reason"] == ("int8 is made from the fp32 export of a PyTorch module; tiny.onnx is "
                                            "served as it is")
     assert answer["json"]["predictions"][0]["label"] == "blue"
+
+
+@pytest.mark.server
+def test_gunicorn_workers_answer_int8_after_the_fork(tmp_path):
+    """Decided in the preloading master (ONNX Runtime only in its forked child), the int8 model is served by
+    both forked workers: every answer says int8, and the server stops cleanly."""
+    config = write_config(tmp_path, [int8_spec(tmp_path)], onnx_cache_dir=str(tmp_path / "cache"))
+    server = Server({"SERVE_CONFIG": str(config), "WEB_CONCURRENCY": "2"}, tmp_path / "gunicorn.log",
+                    inherit_settings=False)
+    try:
+        for _ in range(8):
+            answer = requests.post(f"{server.url}/predictions/tiny", data=image_bytes(COLOURS[1]),
+                                   headers={"Content-Type": "image/png", "Connection": "close"}, timeout=30)
+            assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "green"
+            assert answer.headers["X-Model-Version"].endswith(" int8")
+        assert requests.get(f"{server.url}/models/tiny", timeout=10).json()["runtime"]["precision"] == "int8"
+    finally:
+        assert server.stop() == 0
+    log = (tmp_path / "gunicorn.log").read_text()
+    assert "serving int8" in log and "Traceback" not in log
+
+
+def test_calibration_images_are_relative_to_the_config_file(tmp_path):
+    spec = int8_spec(tmp_path, calibration={"images": "calibration", "count": 9, "held_out": 9})
+    model = load_config(write_config(tmp_path, [spec])).models[0]
+    assert model.calibration.images == (tmp_path / "calibration").resolve()
