@@ -1,6 +1,6 @@
 """precision: int8 against fp32, side by side in one run: in-process limits, the gate's figures, served throughput.
 
-    ~/.cache/serve-venv/bin/python bench/int8.py                      # ~4 minutes on 2 cores
+    ~/.cache/serve-venv/bin/python bench/int8.py                      # ~5 minutes on 2 cores
     ~/.cache/serve-venv/bin/python bench/int8.py --seconds 4 --rounds 1 --reps 5                # a quick look
     ~/.cache/serve-venv/bin/python bench/int8.py --recipes                                      # ~3 minutes
 
