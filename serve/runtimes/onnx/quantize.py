@@ -36,7 +36,7 @@ class Recipe:
     # of the Conv nodes: the high-resolution layers where int8's rounding starts), "last_gemm" (the classifier),
     # an op type ("Add", ...), a node name, or a part of node names starting with "/" ("/_blocks.0/").
     keep_fp32: tuple[str, ...] = ()
-    pre_process: bool = True  # onnxruntime's quant_pre_process (shape inference, BN folding) first
+    pre_process: bool = True  # onnxruntime's quant_pre_process (shape inference, graph optimisations) first
     reduce_range: bool | None = None  # 7-bit weights; None: only where the CPU has no VNNI
     extra: dict = field(default_factory=dict)  # quantize_static's extra_options
 
