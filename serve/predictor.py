@@ -17,6 +17,7 @@ from serve.memory import PixelBudget, release_after
 from serve.preprocess import draft, load_image, open_image, upright_size
 from serve.runtimes import RUNTIMES
 from serve.runtimes.onnx import build_onnx_runtime
+from serve.runtimes.onnx.detection import build_detector_runtime, detector_family
 from serve.tasks import TASKS
 from serve.tasks.base import Prepared, describe_output
 
@@ -113,8 +114,10 @@ class Predictor:
         elif spec.runtime == "auto" and not self.task.auto_export:
             reason = f"runtime auto leaves task '{self.task.name}' on eager PyTorch (ask for runtime: onnxruntime)"
         else:
+            # torchvision's detectors split: backbone and heads on ONNX Runtime, the data-dependent rest eager
+            build = build_detector_runtime if detector_family(self.module) else build_onnx_runtime
             try:
-                self.runtime = build_onnx_runtime(
+                self.runtime = build(
                     self.module, sample, verify=self.task.verify_runtime, dynamic_hw=not self.task.fixed_size,
                     cache_dir=self.onnx_cache_dir, device=self.loaded.device,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold

@@ -77,9 +77,11 @@ def detections(eager: Any, runtime: Any, score_threshold: float = 0.5) -> str | 
 class Detect(Task):
     name = "detect"
     verify_runtime = staticmethod(detections)
-    # A detector's post-processing is data-dependent: the TorchScript exporter traces it for one image,
-    # and a Faster R-CNN export answered other boxes than eager on the cat photo. Only when asked for.
-    auto_export = False
+    # A detector's post-processing is data-dependent: traced whole for one image, a Faster R-CNN answered
+    # other boxes than eager on the cat photo. torchvision's detectors are split instead (backbone and
+    # heads on ONNX Runtime, the rest eager: serve/runtimes/onnx/detection.py); any other is exported
+    # whole. Either way the check against eager decides, as for every task.
+    auto_export = True
     torchserve_handler = "object_detector"
     Options = DetectOptions
     Result = Detections
