@@ -109,9 +109,11 @@ class Predictor:
         spec = self.spec
         sample = model_input if isinstance(model_input, torch.Tensor) else torch.stack(list(model_input))
         reason = None
+        # runtime auto leaves a task that doesn't export (detect) on eager; torchvision's detectors split
+        policy = spec.runtime == "auto" and not self.task.auto_export and not detector_family(self.module)
         if spec.half or spec.channels_last:
             reason = "half and channels_last are eager PyTorch settings"
-        elif spec.runtime == "auto" and not self.task.auto_export:
+        elif policy:
             reason = f"runtime auto leaves task '{self.task.name}' on eager PyTorch (ask for runtime: onnxruntime)"
         else:
             # torchvision's detectors split: backbone and heads on ONNX Runtime, the data-dependent rest eager
@@ -135,8 +137,7 @@ class Predictor:
         if spec.runtime == "onnxruntime":
             raise CheckpointError(f"model '{spec.name}': field 'runtime': onnxruntime can't serve it: {reason}")
         self.runtime_note = reason
-        chose = spec.runtime == "auto" and not self.task.auto_export  # a policy, not a failure
-        log.log(logging.INFO if chose else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
+        log.log(logging.INFO if policy else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
                 spec.name, reason)
 
     def warm_runtime(self, busy_sessions: bool = True) -> None:

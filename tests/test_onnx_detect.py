@@ -120,7 +120,7 @@ def jpeg(image: torch.Tensor) -> bytes:
 
 def serve_app(folder, runtime: str, architecture: str = NAME, kwargs=None):
     spec = {"name": "det", "task": "detect", "runtime": runtime, "architecture": architecture,
-            "kwargs": {"weights_backbone": None, **(KWARGS if kwargs is None else kwargs)},
+            "kwargs": {"weights_backbone": None, **KWARGS} if kwargs is None else kwargs,
             "checkpoint": str(folder / "det.pth"), "device": "cpu", "labels": ["__background__", "one", "two"]}
     return create_app(build_config({"models": [spec], "server": {"torch_threads": 1,
                                                                  "onnx_cache_dir": str(folder / "cache")}}))
@@ -144,5 +144,21 @@ def test_runtime_auto_serves_a_detector_on_onnx_runtime_as_eager_answers(detecto
                 want = detector([decoded])[0]
             assert len(want["scores"]) == 50
             match_detections(answer.json["detections"], want["scores"], want["boxes"], want["labels"])
+    finally:
+        app.extensions["serve"].close()
+
+
+def test_runtime_auto_leaves_a_detector_that_does_not_split_on_eager(tmp_path):
+    """Any other detector would be exported whole, its data-dependent post-processing traced for one image:
+    only when runtime: onnxruntime asks for it."""
+    from models.bright import BrightBoxDetector
+
+    torch.save(BrightBoxDetector().state_dict(), tmp_path / "det.pth")
+    app = serve_app(tmp_path, "auto", architecture="models.bright:BrightBoxDetector", kwargs={})
+    try:
+        runtime = app.test_client().get("/models/det").json["runtime"]
+        assert runtime["name"] == "eager", runtime
+        assert runtime["fallback_reason"] == ("runtime auto leaves task 'detect' on eager PyTorch "
+                                              "(ask for runtime: onnxruntime)")
     finally:
         app.extensions["serve"].close()

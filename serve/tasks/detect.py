@@ -78,10 +78,10 @@ class Detect(Task):
     name = "detect"
     verify_runtime = staticmethod(detections)
     # A detector's post-processing is data-dependent: traced whole for one image, a Faster R-CNN answered
-    # other boxes than eager on the cat photo. torchvision's detectors are split instead (backbone and
-    # heads on ONNX Runtime, the rest eager: serve/runtimes/onnx/detection.py); any other is exported
-    # whole. Either way the check against eager decides, as for every task.
-    auto_export = True
+    # other boxes than eager on the cat photo. So runtime auto exports no detector whole (only when asked
+    # for); torchvision's detectors are split instead, backbone and heads on ONNX Runtime and the rest
+    # eager (serve/runtimes/onnx/detection.py), and auto takes that split when it passes the check.
+    auto_export = False
     torchserve_handler = "object_detector"
     Options = DetectOptions
     Result = Detections
