@@ -83,11 +83,13 @@ def test_the_dense_part_takes_any_height_and_width(detector):
             assert g.shape == w.shape and torch.allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
-def test_detector_check_inputs_are_photo_like_and_sized_unlike_the_sample():
-    images = detector_inputs(torch.zeros(1, 3, 320, 320))
-    assert [tuple(x.shape) for x in images] == [(3, 384, 288), (3, 272, 416)]
-    assert all(0 <= float(x.min()) and float(x.max()) <= 1 for x in images)
-    assert all(torch.equal(a, b) for a, b in zip(images, detector_inputs(torch.zeros(1, 3, 320, 320))))
+def test_detector_check_inputs_are_photo_like_and_of_three_sizes():
+    batches = detector_inputs(torch.zeros(1, 3, 320, 320))
+    assert [[tuple(x.shape) for x in batch] for batch in batches] == [[(3, 320, 320)], [(3, 384, 288), (3, 272, 416)]]
+    images = [x for batch in batches for x in batch]
+    assert all(0 <= float(x.min()) and float(x.max()) <= 1 and float(x.std()) > 0.1 for x in images)
+    again = [x for batch in detector_inputs(torch.zeros(1, 3, 320, 320)) for x in batch]
+    assert all(torch.equal(a, b) for a, b in zip(images, again))
 
 
 class ScalarBackbone(nn.Module):
