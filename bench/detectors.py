@@ -47,6 +47,7 @@ MODELS = {  # name -> builder kwargs (COCO's 91 classes; each model's own defaul
     "fasterrcnn_resnet50_fpn": {},
     "maskrcnn_resnet50_fpn": {},
     "keypointrcnn_resnet50_fpn": {"num_classes": 2},
+    "ssd300_vgg16": {},
 }
 SIZES = ((300, 451), (512, 384), (427, 640), (256, 512))  # one per photo: landscape, portrait, 4:3, 2:1
 

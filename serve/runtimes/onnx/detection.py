@@ -95,10 +95,6 @@ class SplitDetector:
         self.info = dict(info or {})
 
     @property
-    def per_image(self) -> bool:
-        return True
-
-    @property
     def threads(self) -> int:
         return self.parts["dense"].threads
 
