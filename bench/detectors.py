@@ -1,9 +1,11 @@
 """Benchmark: torchvision detectors eager against ONNX Runtime (the split runtime of
 serve/runtimes/onnx/detection.py: backbone and heads on ONNX Runtime, the rest eager), in-process, side by side.
 
-    python bench/detectors.py                          # every model, about 5 minutes on 2 quiet cores
-    python bench/detectors.py --quick                  # the MobileNetV3 Faster R-CNN only, 1 round
-    python bench/detectors.py --models retinanet_resnet50_fpn --rounds 5
+    python bench/detectors.py --quick                  # the MobileNetV3 320 Faster R-CNN, 1 round: 1 minute
+    python bench/detectors.py --models fasterrcnn_mobilenet_v3_large_320_fpn fasterrcnn_mobilenet_v3_large_fpn \
+        ssdlite320_mobilenet_v3_large                  # the MobileNetV3 ones: about 3 minutes on 2 cores
+    python bench/detectors.py                          # every model: over 20 minutes on 2 busy cores (each
+                                                       # ResNet-50 one takes 1-2 minutes to export and check)
 
 Per model (seeded weights, batch norms calibrated on photos and scores spread: tests/seeded_detectors.py;
 its own transform at its default sizes), on the same photos (scikit-image's, at 4 sizes and aspect ratios),
