@@ -9,7 +9,8 @@ decoding, top-k, NMS, RoIAlign, postprocess) by the model's own eager code.
 Why split: the whole model traced by the TorchScript exporter bakes in the export image's sizes and
 branches (its anchors, its top-k counts), and the dynamo exporter fails on the data-dependent code; the
 parts split off here are plain tensor programs with dynamic batch, height and width (or box count), which
-both exporters trace faithfully. docs/runtimes.md (Detectors) has the measurements.
+the TorchScript exporter traces faithfully; the whole is still checked against eager at every start.
+docs/runtimes.md (Detectors) has the measurements.
 """
 from __future__ import annotations
 
