@@ -18,6 +18,7 @@ from serve.precision import WEAK_GATE, calibration_set, decide_int8
 from serve.preprocess import draft, load_image, open_image, upright_size
 from serve.runtimes import RUNTIMES
 from serve.runtimes.onnx import build_onnx_runtime
+from serve.runtimes.onnx.detection import build_detector_runtime, detector_family
 from serve.tasks import TASKS
 from serve.tasks.base import Prepared, describe_output
 
@@ -115,13 +116,17 @@ class Predictor:
         spec = self.spec
         sample = model_input if isinstance(model_input, torch.Tensor) else torch.stack(list(model_input))
         reason = None
+        # runtime auto leaves a task that doesn't export (detect) on eager; torchvision's detectors split
+        policy = spec.runtime == "auto" and not self.task.auto_export and not detector_family(self.module)
         if spec.half or spec.channels_last:
             reason = "half and channels_last are eager PyTorch settings"
-        elif spec.runtime == "auto" and not self.task.auto_export:
+        elif policy:
             reason = f"runtime auto leaves task '{self.task.name}' on eager PyTorch (ask for runtime: onnxruntime)"
         else:
+            # torchvision's detectors split: backbone and heads on ONNX Runtime, the data-dependent rest eager
+            build = build_detector_runtime if detector_family(self.module) else build_onnx_runtime
             try:
-                self.runtime = build_onnx_runtime(
+                self.runtime = build(
                     self.module, sample, verify=self.task.verify_runtime, dynamic_hw=not self.task.fixed_size,
                     cache_dir=self.onnx_cache_dir, device=self.loaded.device,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold
@@ -143,8 +148,7 @@ class Predictor:
         if spec.runtime == "onnxruntime":
             raise CheckpointError(f"model '{spec.name}': field 'runtime': onnxruntime can't serve it: {reason}")
         self.runtime_note = reason
-        chose = spec.runtime == "auto" and not self.task.auto_export  # a policy, not a failure
-        log.log(logging.INFO if chose else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
+        log.log(logging.INFO if policy else logging.WARNING, "model '%s': serving eager PyTorch, not ONNX Runtime: %s",
                 spec.name, reason)
 
     def _choose_precision(self) -> None:

@@ -88,8 +88,10 @@ class Detect(Task):
     verify_runtime = staticmethod(detections)
     int8_gate = staticmethod(no_int8)
     int8_refusal = INT8_REFUSAL
-    # A detector's post-processing is data-dependent: the TorchScript exporter traces it for one image,
-    # and a Faster R-CNN export answered other boxes than eager on the cat photo. Only when asked for.
+    # A detector's post-processing is data-dependent: traced whole for one image, a Faster R-CNN answered
+    # other boxes than eager on the cat photo. So runtime auto exports no detector whole (only when asked
+    # for); torchvision's detectors are split instead, backbone and heads on ONNX Runtime and the rest
+    # eager (serve/runtimes/onnx/detection.py), and auto takes that split when it passes the check.
     auto_export = False
     torchserve_handler = "object_detector"
     Options = DetectOptions

@@ -116,20 +116,24 @@ def verification_inputs(sample: torch.Tensor, dynamic_hw: bool = False) -> list[
 
 
 def check_against_eager(runtime: OnnxRuntime, module: nn.Module, sample: torch.Tensor, verify: Verify, *,
-                        dynamic_hw: bool = False, score_threshold: float = 0.5) -> str | None:
-    """Run eager here and ONNX (forward_isolated) on verification_inputs; None when verify finds every
-    pair in agreement, else the first reason, saying on which input.
+                        dynamic_hw: bool = False, score_threshold: float = 0.5,
+                        batches: list[torch.Tensor | list[torch.Tensor]] | None = None) -> str | None:
+    """Run eager here and ONNX (forward_isolated) on batches (by default verification_inputs); None when
+    verify finds every pair in agreement, else the first reason, saying on which input.
 
     Raises:
         ExportError: ONNX Runtime can't open or run the model.
     """
-    batches = verification_inputs(sample, dynamic_hw)
+    batches = verification_inputs(sample, dynamic_hw) if batches is None else batches
     with torch.inference_mode():
         eager = [_call(module, batch) for batch in batches]
     onnx_outputs = runtime.forward_isolated(*batches)
     for i, (batch, e, o) in enumerate(zip(batches, eager, onnx_outputs)):
         reason = verify(e, o, score_threshold)
         if reason is not None:
-            what = "the export sample" if i == 0 else f"a random batch of {len(batch)} {list(batch.shape[1:])}"
+            if not isinstance(batch, torch.Tensor):  # a list of images (detector_inputs)
+                what = f"random images {[list(x.shape) for x in batch]}"
+            else:
+                what = "the export sample" if i == 0 else f"a random batch of {len(batch)} {list(batch.shape[1:])}"
             return f"on {what}: {reason}"
     return None
