@@ -87,7 +87,7 @@ def sockets_per_worker(server: Gunicorn) -> list[int]:
     return counts
 
 
-def start_servers(folder: Path, workers: int) -> dict[str, Gunicorn]:
+def start_servers(folder: Path, workers: int, variants: dict[str, dict[str, str]]) -> dict[str, Gunicorn]:
     import torch
 
     from serve.formats.state_dict import build_module
@@ -97,10 +97,12 @@ def start_servers(folder: Path, workers: int) -> dict[str, Gunicorn]:
     torch.save(build_module("resnet18", {}).state_dict(), checkpoint)
     model = {"arch": "resnet18", "kwargs": {}, "checkpoint": str(checkpoint), "norm": IMAGENET}
     config = write_config(folder / "models.yaml", model, "resnet18", "auto", folder / "onnx-cache")
-    port = free_port()
-    ours = Gunicorn(["-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
-                    {"SERVE_CONFIG": str(config), "PORT": str(port), "WEB_CONCURRENCY": str(workers)},
-                    port, _ready, folder / "ours.log")
+    servers = {}
+    for label, env in {"this server": {}, **variants}.items():
+        port = free_port()
+        servers[label] = Gunicorn(["-c", "serve/gunicorn_conf.py", "serve.app:create_app()"],
+                                  {"SERVE_CONFIG": str(config), "PORT": str(port), "WEB_CONCURRENCY": str(workers), **env},
+                                  port, _ready, folder / f"{label}.log")
     port = free_port()
     env = {"BENCH_ARCH": "resnet18", "BENCH_CHECKPOINT": str(checkpoint), "BENCH_ONNX": str(folder / "peer.onnx"),
            "BENCH_MEAN": json.dumps(IMAGENET[0]), "BENCH_STD": json.dumps(IMAGENET[1]),
@@ -108,10 +110,14 @@ def start_servers(folder: Path, workers: int) -> dict[str, Gunicorn]:
     peer = Gunicorn(["-w", str(workers), "--preload", "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT / "bench"),
                      "flask_ort_app:app"], env, port, lambda p: _answers(p, "POST", "/predict", photo_jpeg()),
                     folder / "peer.log")
-    return {"this server": ours, "flask+ort": peer}
+    return {**servers, PEER: peer}
 
 
-PATHS = {"this server": "/predictions/resnet18", "flask+ort": "/predict"}
+PEER = "flask+ort"
+
+
+def path(label: str) -> str:
+    return "/predict" if label == PEER else "/predictions/resnet18"
 
 
 def load() -> str:
@@ -124,30 +130,36 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per server, level and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:VAR=VALUE[,VAR=VALUE]",
+                        help="also this server with these environment settings, e.g. 'one thread:SERVE_TORCH_THREADS=1'")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    variants = {}
+    for given in args.variant:
+        label, _, settings = given.partition(":")
+        variants[label] = dict(item.split("=", 1) for item in settings.split(",") if item)
     body = photo_jpeg()
     rows = []
     print(f"load average before: {load()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        servers = start_servers(Path(tmp), args.workers)
+        servers = start_servers(Path(tmp), args.workers, variants)
         try:
-            idle = sockets_per_worker(servers["this server"])
+            idle = {name: sockets_per_worker(server) for name, server in servers.items() if name != PEER}
             for name, server in servers.items():  # warm: every worker has answered
-                closed_loop(server.port, PATHS[name], body, 4, 3)
+                closed_loop(server.port, path(name), body, 4, 3)
                 server.wait_idle(20)
             for clients in args.levels:
                 pooled = {name: ([], 0.0, 0) for name in servers}
-                spread = []
+                spread: dict[str, list] = {}
                 for r in range(args.rounds):
                     order = list(servers) if r % 2 == 0 else list(servers)[::-1]
                     for name in order:
                         server = servers[name]
-                        if name == "this server":
-                            timer = threading.Timer(args.seconds / 2, lambda s=server: spread.append(
-                                [n - i for n, i in zip(sockets_per_worker(s), idle)]))
+                        if name != PEER:
+                            timer = threading.Timer(args.seconds / 2, lambda s=server, n=name: spread.setdefault(
+                                n, []).append([c - i for c, i in zip(sockets_per_worker(s), idle[n])]))
                             timer.start()
-                        rate, latencies, failed = closed_loop(server.port, PATHS[name], body, clients, args.seconds)
+                        rate, latencies, failed = closed_loop(server.port, path(name), body, clients, args.seconds)
                         kept, rates, fails = pooled[name]
                         pooled[name] = (kept + latencies, rates + rate / args.rounds, fails + failed)
                         server.wait_idle(20)
@@ -157,18 +169,19 @@ def main() -> None:
                                  "p99_ms": round(quantile(latencies, 0.99) * 1000, 1),
                                  "answers": len(latencies), "failed": failed})
                     print(json.dumps(rows[-1]), flush=True)
-                print(f"  this server's connections per worker, mid-round: {spread}", flush=True)
+                print(f"  connections per worker, mid-round: {spread}", flush=True)
         finally:
             for server in servers.values():
                 server.stop()
     print(f"load average after: {load()}")
     print(f"\nresnet18 (seeded), {args.workers} workers, cat photo 224 x 224, {args.rounds} x {args.seconds:g} s per cell")
-    print(f"{'c':>3} {'server':>12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   this/peer: req/s  p99")
+    print(f"{'c':>3} {'server':>24} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}   ÷ {PEER}: req/s   p99")
     for clients in args.levels:
-        ours, peer = (next(r for r in rows if r["c"] == clients and r["server"] == n) for n in servers)
-        for row in (ours, peer):
-            print(f"{clients:>3} {row['server']:>12} {row['req_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f}")
-        print(f"{'':>46}{ours['req_s'] / peer['req_s']:6.2f} {ours['p99_ms'] / peer['p99_ms']:5.2f}")
+        peer = next(r for r in rows if r["c"] == clients and r["server"] == PEER)
+        for row in (r for r in rows if r["c"] == clients):
+            ratios = "" if row is peer else f"{row['req_s'] / peer['req_s']:17.2f} {row['p99_ms'] / peer['p99_ms']:5.2f}"
+            print(f"{clients:>3} {row['server']:>24} {row['req_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
+                  f"{row['failed']:7d}{ratios}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

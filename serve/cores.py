@@ -59,6 +59,11 @@ def sharing_as(threads: int):
         _current.share = None
 
 
+# A batch that another worker started this recently shares the cores with it even if that batch has
+# ended: under steady load the workers' batches follow each other closely, and one that took every
+# core in the gap ran beside the next one's thread, oversubscribed (docs/performance.md, "Tail").
+RECENT_S = 0.1
+
 # Other processes count as holding one more core once they use this much more of one (averaged over
 # HostLoad's window), and one fewer once they use this much less: hysteresis, so a load near the
 # line doesn't switch the thread count batch by batch.
@@ -159,10 +164,13 @@ class CoreShare:
     counted, so a 2-core host with a busy neighbour runs batches on one thread.
     """
 
-    def __init__(self, cores: int, host: HostLoad | None = None):
+    def __init__(self, cores: int, host: HostLoad | None = None, recent_s: float = RECENT_S):
         self.cores = max(1, cores)
         self.host = host
-        self._busy = multiprocessing.get_context("fork").Value("i", 0)
+        self.recent_s = recent_s
+        context = multiprocessing.get_context("fork")
+        self._busy = context.Value("i", 0)
+        self._last = context.RawArray("d", 2)  # the latest batch start, any worker's: (time.monotonic(), pid)
         self._threads = 0  # what this process's inference thread is set to
         self._taken = 0  # cores held by other processes at the last batch, for the log
 
@@ -192,10 +200,15 @@ class CoreShare:
 
     @contextmanager
     def share(self, single: bool = False):
-        """Count this batch as busy and set the thread count: its share of the free cores, or 1 if `single`."""
+        """Count this batch as busy and set the thread count: its share of the free cores, or 1 if `single`.
+        A batch another worker started less than recent_s ago counts as busy still."""
+        pid, now = os.getpid(), time.monotonic()
         with self._busy.get_lock():
             self._busy.value += 1
             busy = self._busy.value
+            (last, last_pid), self._last[:] = self._last[:], (now, pid)
+        if last_pid not in (0, pid) and now - last < self.recent_s:
+            busy = max(busy, 2)  # another worker's batch began just now: the cores are in use
         try:
             taken = self.taken
             share = max(1, (self.cores - taken) // busy)

@@ -57,6 +57,29 @@ def test_the_count_is_shared_with_forked_workers():
     assert share.busy == 0
 
 
+def test_a_batch_another_worker_started_just_before_counts_as_busy_after_it_ended():
+    def batch_in_another_worker(share: CoreShare) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with share.share():
+                    pass
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+    recent = CoreShare(2, recent_s=3600)  # "just before": within the hour, whatever the machine's speed
+    batch_in_another_worker(recent)
+    with recent.share() as threads:
+        assert threads == 1 and recent.busy == 1
+    with recent.share() as threads:  # its own previous batch doesn't count
+        assert threads == 2
+    never = CoreShare(2, recent_s=0)
+    batch_in_another_worker(never)
+    with never.share() as threads:
+        assert threads == 2
+
+
 def test_available_cores_honours_a_container_cpu_limit(tmp_path):
     affinity = len(os.sched_getaffinity(0))
     assert available_cores(str(tmp_path)) == affinity  # no cgroup files: the affinity
