@@ -1,14 +1,18 @@
 """Connections spread evenly over gunicorn's workers: each takes a new connection only while it holds no
-more than the workers' average (its gthread worker class, and the counts the workers share)."""
+more than the workers' average, else leaves it to the others (its gthread worker class, and the counts
+the workers share)."""
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 from gunicorn.workers.gthread import ThreadWorker
 
-# A worker that left the accepting to others looks again this often (besides after each event of its
-# own): an idle worker's share can change without it hearing of it.
-RECHECK_S = 0.01
+# A worker that is not to take a pending connection leaves its listener unwatched this long, for the
+# others to take it; one still waiting after GIVE_WAY_S is taken anyway (a peer that is slow to wake
+# must not hold a client back).
+RECHECK_S = 0.001
+GIVE_WAY_S = 0.02
 
 
 class ConnectionCounts:
@@ -60,28 +64,35 @@ class SpreadThreadWorker(ThreadWorker):
 
     def init_process(self) -> None:
         self.counts.join(self.slot)
+        self._gave_way = self._pending = False
+        self._waiting_since: float | None = None  # since when a connection this worker gave way to is waiting
         super().init_process()
 
-    def set_accept_enabled(self, enabled: bool) -> None:
-        super().set_accept_enabled(enabled and self._my_turn())
-
     def accept(self, listener) -> None:
+        self._pending = True
+        if not self.counts.my_turn(self.slot, self.nr_conns):
+            now = time.monotonic()
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since < GIVE_WAY_S:
+                self._gave_way = True
+                return
+        self._waiting_since = None
         super().accept(listener)
         self.counts.set(self.slot, self.nr_conns)
-        if self._accepting and not self._my_turn():
-            super().set_accept_enabled(False)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         self.counts.set(self.slot, self.nr_conns)
-        if self.alive and self._accepting and not self._my_turn():
-            super().set_accept_enabled(False)
-        if self.alive and not self._accepting and self.nr_conns < self.worker_connections:
-            timeout = min(timeout, RECHECK_S)  # gthread's loop enables it again once _my_turn() says so
+        if self._gave_way:
+            # gthread's loop has watched the listener again by now: unwatch it for a moment (the loop
+            # watches it again after), else the pending connection wakes this worker at once, again.
+            self._gave_way = False
+            self.set_accept_enabled(False)
+            timeout = min(timeout, RECHECK_S)
+        watching, self._pending = self._accepting, False
         super().wait_for_and_dispatch_events(timeout)
+        if watching and not self._pending:  # the listener was watched and nothing was waiting on it
+            self._waiting_since = None
         self.counts.set(self.slot, self.nr_conns)
-
-    def _my_turn(self) -> bool:
-        return self.counts.my_turn(self.slot, self.nr_conns)
 
 
 def spread_worker(counts: ConnectionCounts) -> type[SpreadThreadWorker]:
