@@ -9,8 +9,10 @@ peer with sync workers, one 1-thread ONNX Runtime session each. Closed-loop clie
 its own keep-alive connection (the peer's sync workers close theirs after each answer: its clients
 reconnect, as they would), post the cat photo (224 x 224 JPEG) and send the next request when
 answered. Each level runs --rounds times, the two servers interleaved (the first alternates), so the
-machine's drift touches both; the latencies of the rounds are pooled. It prints req/s, p50, p99 and
-the ratios this / peer, and for this server how its connections were spread over its workers. The
+machine's drift touches both; the latencies of the rounds are pooled. It prints req/s (answered),
+p50 and p99 of the answered, the other answers (`failed`: this server's 503s, to clients that resend
+at once), the ratios this / peer, and for this server how its connections were spread over its
+workers. --variant adds this server with other settings, e.g. 'one thread:SERVE_TORCH_THREADS=1'. The
 target (issue 23): p99 within 1.1 x the peer's at c=4 and c=16, at no less throughput.
 """
 from __future__ import annotations
