@@ -59,9 +59,11 @@ def sharing_as(threads: int):
         _current.share = None
 
 
-# A batch that another worker started this recently shares the cores with it even if that batch has
-# ended: under steady load the workers' batches follow each other closely, and one that took every
-# core in the gap ran beside the next one's thread, oversubscribed (docs/performance.md, "Tail").
+# Batches of two workers that overlapped this recently mean steady load: a batch then takes its share
+# as if the others were busy even in a gap between theirs, which is brief: one that took every core
+# in it ran on beside the next one's thread, oversubscribed (docs/performance.md, "Tail"). Lone
+# requests that alternate between workers (a client without keep-alive) never overlap: they keep
+# every core.
 RECENT_S = 0.1
 
 # Other processes count as holding one more core once they use this much more of one (averaged over
@@ -170,7 +172,7 @@ class CoreShare:
         self.recent_s = recent_s
         context = multiprocessing.get_context("fork")
         self._busy = context.Value("i", 0)
-        self._last = context.RawArray("d", 2)  # the latest batch start, any worker's: (time.monotonic(), pid)
+        self._overlap = context.RawValue("d", -math.inf)  # when a batch last began beside another's (monotonic)
         self._threads = 0  # what this process's inference thread is set to
         self._taken = 0  # cores held by other processes at the last batch, for the log
 
@@ -201,14 +203,15 @@ class CoreShare:
     @contextmanager
     def share(self, single: bool = False):
         """Count this batch as busy and set the thread count: its share of the free cores, or 1 if `single`.
-        A batch another worker started less than recent_s ago counts as busy still."""
-        pid, now = os.getpid(), time.monotonic()
+        Within recent_s of two batches overlapping, a lone batch counts another as busy."""
+        now = time.monotonic()
         with self._busy.get_lock():
             self._busy.value += 1
             busy = self._busy.value
-            (last, last_pid), self._last[:] = self._last[:], (now, pid)
-        if last_pid not in (0, pid) and now - last < self.recent_s:
-            busy = max(busy, 2)  # another worker's batch began just now: the cores are in use
+            if busy > 1:
+                self._overlap.value = now
+            elif now - self._overlap.value < self.recent_s:
+                busy = 2  # steady load: the other worker's next batch is about to start
         try:
             taken = self.taken
             share = max(1, (self.cores - taken) // busy)
