@@ -21,6 +21,7 @@ from serve.formats.state_dict import build_module  # only to build the same arch
 
 ONNX = os.environ["BENCH_ONNX"]
 if not os.path.exists(ONNX):  # exported once, at start
+    torch.set_num_threads(1)  # before the fork: an OpenMP pool the master started hangs a worker at exit
     model = build_module(os.environ["BENCH_ARCH"], json.loads(os.environ.get("BENCH_KWARGS", "{}")))
     model.load_state_dict(torch.load(os.environ["BENCH_CHECKPOINT"], map_location="cpu"))
     torch.onnx.export(model.eval(), torch.zeros(1, 3, 224, 224), ONNX, input_names=["x"], output_names=["y"],

@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -175,6 +176,10 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
+                try:  # a worker its master left behind (one stuck at exit): the whole process group
+                    os.killpg(server.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     print(f"load average after: {load()}")
     print(f"\nresnet18 (seeded), {args.workers} workers, cat photo 224 x 224, {args.rounds} x {args.seconds:g} s per cell")
     print(f"{'c':>3} {'server':>24} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}   ÷ {PEER}: req/s   p99")
