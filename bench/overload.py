@@ -5,8 +5,9 @@
 
 For each max_queue_wait_ms (0 = off: 10^9 ms, only the max_queue count bounds the queue, as before
 admission was bounded in time) it starts gunicorn on the default config (EfficientNet-Lite0) with
---workers and, --rounds times, runs closed-loop clients at --calm, then at --busy clients: each on its
-own keep-alive connection sends the next request when answered; after a 503 it waits the Retry-After
+--workers and, --rounds times, runs closed-loop clients at --calm, then at --busy clients (threads of
+--client-procs processes, so that no client waits long for its own process's GIL): each on its own
+keep-alive connection sends the next request when answered; after a 503 it waits the Retry-After
 asked, unless --retry-at-once. It prints side by side: the calm p50; under overload the answered
 requests' p50 and p99, and p99 / calm p50; how many were shed (503) and how fast the shed answers
 came back (p50, p99); and the answered and shed p99 as the server saw them (its access log). The
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import sys
 import tempfile
 import threading
@@ -72,6 +74,26 @@ def closed_loop(port: int, body: bytes, clients: int, seconds: float, honour_ret
     return results
 
 
+def closed_loop_procs(port: int, body: bytes, clients: int, seconds: float, honour_retry_after: bool = True,
+                      procs: int = 8) -> list[tuple[float, int]]:
+    """closed_loop's clients spread over `procs` forked processes: 64 client threads in one Python process
+    wait for its GIL after each answer, and that wait was counted in the shed answers' latency."""
+    procs = max(1, min(procs, clients))
+    if procs == 1:
+        return closed_loop(port, body, clients, seconds, honour_retry_after)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+    children = [context.Process(target=lambda n=n: results.put(closed_loop(port, body, n, seconds, honour_retry_after)))
+                for n in shares]
+    for child in children:
+        child.start()
+    found = [row for _ in children for row in results.get()]
+    for child in children:
+        child.join()
+    return found
+
+
 def quantile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -88,7 +110,7 @@ def run(wait_ms: int, args, body: bytes, log: Path) -> dict:
             calm += [s for s, status in closed_loop(port, body, args.calm, args.calm_s) if status == 200]
             server.wait_idle(20)
             offset = log.stat().st_size
-            busy += closed_loop(port, body, args.busy, args.busy_s, not args.retry_at_once)
+            busy += closed_loop_procs(port, body, args.busy, args.busy_s, not args.retry_at_once, args.client_procs)
             for status, values in server_latencies(log, offset).items():
                 served.setdefault(status, []).extend(values)
             server.wait_idle(20)
@@ -132,6 +154,8 @@ def main() -> None:
     parser.add_argument("--busy-s", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="calm then busy, this many times per setting")
     parser.add_argument("--retry-at-once", action="store_true", help="clients ignore Retry-After after a 503")
+    parser.add_argument("--client-procs", type=int, default=8,
+                        help="processes the busy clients run in (1: all threads of this one, as before)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     body = photo_jpeg()  # the cat photo at 224 x 224, as bench/bench.py sends it

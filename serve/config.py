@@ -278,6 +278,9 @@ class ServerSettings(_Frozen):
     port: int = Field(8000, gt=0, lt=65536)
     workers: int | None = Field(None, gt=0, description="default: one per core (CPU), one per GPU (CUDA)")
     threads: int = Field(128, gt=0, description="request threads per worker; keep above max_queue so overload is shed")
+    inference_nice: int = Field(
+        10, ge=0, le=19, description="the nice value of each worker's inference thread (and its ONNX Runtime "
+        "threads), above the request threads': on busy cores, refusals and decodes run first; 0: the same")
     timeout_s: int = Field(120, gt=0)
     graceful_timeout_s: int = Field(30, gt=0)
     preload: bool | None = None
@@ -441,6 +444,7 @@ SERVER_ENV = {
     "PORT": "port",
     "WEB_CONCURRENCY": "workers",
     "SERVE_THREADS": "threads",
+    "SERVE_INFERENCE_NICE": "inference_nice",
     "SERVE_TIMEOUT_S": "timeout_s",
     "SERVE_GRACEFUL_TIMEOUT_S": "graceful_timeout_s",
     "SERVE_PRELOAD": "preload",

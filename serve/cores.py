@@ -59,6 +59,13 @@ def sharing_as(threads: int):
         _current.share = None
 
 
+# Batches of two workers that overlapped this recently mean steady load: a batch then takes its share
+# as if the others were busy even in a gap between theirs, which is brief: one that took every core
+# in it ran on beside the next one's thread, oversubscribed (docs/performance.md, "Tail"). Lone
+# requests that alternate between workers (a client without keep-alive) never overlap: they keep
+# every core.
+RECENT_S = 0.1
+
 # Other processes count as holding one more core once they use this much more of one (averaged over
 # HostLoad's window), and one fewer once they use this much less: hysteresis, so a load near the
 # line doesn't switch the thread count batch by batch.
@@ -159,10 +166,13 @@ class CoreShare:
     counted, so a 2-core host with a busy neighbour runs batches on one thread.
     """
 
-    def __init__(self, cores: int, host: HostLoad | None = None):
+    def __init__(self, cores: int, host: HostLoad | None = None, recent_s: float = RECENT_S):
         self.cores = max(1, cores)
         self.host = host
-        self._busy = multiprocessing.get_context("fork").Value("i", 0)
+        self.recent_s = recent_s
+        context = multiprocessing.get_context("fork")
+        self._busy = context.Value("i", 0)
+        self._overlap = context.RawValue("d", -math.inf)  # when a batch last began beside another's (monotonic)
         self._threads = 0  # what this process's inference thread is set to
         self._taken = 0  # cores held by other processes at the last batch, for the log
 
@@ -192,10 +202,16 @@ class CoreShare:
 
     @contextmanager
     def share(self, single: bool = False):
-        """Count this batch as busy and set the thread count: its share of the free cores, or 1 if `single`."""
+        """Count this batch as busy and set the thread count: its share of the free cores, or 1 if `single`.
+        Within recent_s of two batches overlapping, a lone batch counts another as busy."""
+        now = time.monotonic()
         with self._busy.get_lock():
             self._busy.value += 1
             busy = self._busy.value
+            if busy > 1:
+                self._overlap.value = now
+            elif now - self._overlap.value < self.recent_s:
+                busy = 2  # steady load: the other worker's next batch is about to start
         try:
             taken = self.taken
             share = max(1, (self.cores - taken) // busy)

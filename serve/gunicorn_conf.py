@@ -27,6 +27,7 @@ from serve.errors import ConfigError
 from serve.extras import require
 from serve.grpc_port import check_port_free
 from serve.memory import limit_arenas
+from serve.spread import ConnectionCounts, spread_worker
 from serve.tls import TlsContext
 
 try:
@@ -36,7 +37,6 @@ except ConfigError as exc:
 _server = _config.server
 
 bind = f"{_server.host}:{_server.port}"
-worker_class = "gthread"
 threads = _server.threads
 timeout = _server.timeout_s
 graceful_timeout = _server.graceful_timeout_s
@@ -117,6 +117,10 @@ gpu_count = torch.cuda.device_count() if not preload_app else 0
 pin_gpus = gpu_count > 1 and all(m.device in ("cuda", "auto") for m in _config.models)
 # CPU: a worker per core; they share the cores batch by batch (serve/cores.py). GPU: one per GPU.
 workers = _server.workers or (cpus if preload_app else max(1, gpu_count))
+# gthread, with new connections taken by the worker holding the fewest (serve/spread.py): a keep-alive
+# connection stays with one worker, so an uneven spread queues requests on one while the other idles.
+_connections = ConnectionCounts(max(64, 2 * workers))  # room for workers added at run time (TTIN)
+worker_class = spread_worker(_connections)
 # A fixed SERVE_TORCH_THREADS pins every worker's intra-op threads instead of sharing.
 torch_threads = _server.torch_threads
 
@@ -130,6 +134,7 @@ def pre_fork(server, worker):
     # Everything loaded so far lives as long as the process: keep it out of the collector's scans
     # (and its pages shared copy-on-write, which a collection would touch).
     gc.freeze()
+    worker.slot = _connections.free_slot({getattr(w, "slot", None) for w in server.WORKERS.values()})
     if pin_gpus:
         taken = {getattr(w, "gpu_slot", None) for w in server.WORKERS.values()}
         worker.gpu_slot = min(set(range(gpu_count)) - taken, default=len(taken) % gpu_count)
@@ -220,3 +225,4 @@ def child_exit(server, worker):
     from serve.metrics import mark_worker_dead
 
     mark_worker_dead(worker.pid)
+    _connections.leave(worker.slot)

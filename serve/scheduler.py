@@ -1,7 +1,10 @@
 """Scheduler: when and how work runs on the process's inference thread (batching, admission, cores)."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +23,24 @@ from serve.errors import BatchTimeoutError, OverloadedError
 from serve.memory import PixelBudget
 from serve.metrics import Metrics
 from serve.tracing import NO_TRACE, RequestTrace, batch_span, split_batch
+
+log = logging.getLogger(__name__)
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread this nice value, and so every thread it starts later (ONNX Runtime's
+    intra-op pool, made with its session on the inference thread).
+
+    Why: on busy cores the request threads then run before the forwards. A refusal's few
+    milliseconds of work, or the decode that lets an admitted image join the next batch, no longer
+    wait for a time slice behind a forward that takes tens (docs/performance.md, "Shed latency").
+    Linux sets a nice value per thread; elsewhere it would be the whole process's, so it is left.
+    """
+    if sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:  # a seccomp profile that forbids it: serve at the same priority
+            log.warning("inference thread priority not lowered (nice %d): %s", nice, exc)
 
 
 @dataclass(frozen=True)
@@ -202,7 +223,10 @@ class Scheduler:
 
     def start(self, server_pid: int | None = None) -> None:
         """In a serving process (a gunicorn worker, whose inference thread was started anew after the
-        fork): its fixed thread count, or follow the host's load, less the server's own."""
+        fork), before its runtimes start: the inference thread's priority (inference_nice), its fixed
+        thread count, or follow the host's load, less the server's own."""
+        if self.settings.inference_nice:
+            self.call(lower_priority, self.settings.inference_nice)
         if self.settings.torch_threads:
             self.call(torch.set_num_threads, self.settings.torch_threads)
         if self.cores is not None:

@@ -205,8 +205,8 @@ class PredictionService:
     def start_worker(self, busy_sessions: bool, server_pid: int | None = None) -> None:
         """In a serving process after the fork: start every runtime here (ONNX Runtime sessions are per
         process) and follow the host's load. busy_sessions: more than one worker shares the cores."""
+        self.scheduler.start(server_pid)  # first: the inference thread's priority, which the runtimes' threads inherit
         self.table.warm_runtimes(busy_sessions)
-        self.scheduler.start(server_pid)
         self.tracing.start()  # after the fork: the exporter's thread is this process's
 
     @property

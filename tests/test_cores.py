@@ -57,6 +57,38 @@ def test_the_count_is_shared_with_forked_workers():
     assert share.busy == 0
 
 
+def batch_in_another_worker(share: CoreShare) -> None:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with share.share():
+                pass
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def test_after_two_workers_batches_overlapped_a_lone_batch_takes_its_share_only():
+    steady = CoreShare(2, recent_s=3600)  # "recently": within the hour, whatever the machine's speed
+    with steady.share() as alone:
+        assert alone == 2
+        batch_in_another_worker(steady)  # began beside this one's
+    with steady.share() as threads:  # the other worker's next batch is due: a share, not every core
+        assert threads == 1 and steady.busy == 1
+    never = CoreShare(2, recent_s=0)
+    with never.share():
+        batch_in_another_worker(never)
+    with never.share() as threads:
+        assert threads == 2
+
+
+def test_lone_batches_that_alternate_between_workers_keep_every_core():
+    share = CoreShare(2, recent_s=3600)
+    batch_in_another_worker(share)  # a client without keep-alive: each request on another worker, none overlapping
+    with share.share() as threads:
+        assert threads == 2
+
+
 def test_available_cores_honours_a_container_cpu_limit(tmp_path):
     affinity = len(os.sched_getaffinity(0))
     assert available_cores(str(tmp_path)) == affinity  # no cgroup files: the affinity
@@ -72,7 +104,7 @@ def test_available_cores_honours_a_container_cpu_limit(tmp_path):
 
 
 def test_a_single_threaded_batch_takes_one_thread_and_still_counts_as_busy():
-    share = CoreShare(4)
+    share = CoreShare(4, recent_s=0)  # the lone batch at the end: no memory of the overlap before it
     with share.share(single=True) as small:
         assert small == 1 and torch.get_num_threads() == 1 and share.busy == 1
         with share.share() as big:
