@@ -38,6 +38,10 @@ bench: install wrk
 	$(PY) bench/bench.py
 	$(PY) bench/grpc.py        # gRPC beside REST V2 and the plain route (docs/performance.md)
 	$(PY) bench/many_models.py # 1-200 models under a memory budget (docs/performance.md, docs/many_models.png)
+	$(PY) bench/int8.py --skip-served  # fp32 vs int8: in-process limits, the gate, served c=4/16 (docs/precision.md)
+	$(PY) bench/detectors.py    # torchvision detectors: eager vs ONNX Runtime (split), same detections (docs/runtimes.md)
+	$(PY) bench/overload.py --waits 250  # shed latency at 64 clients honouring Retry-After (docs/performance.md)
+	$(PY) bench/tail.py         # the tail beside a hand-written Flask + ONNX Runtime app, resnet18 c=4/16
 
 soak: install
 	$(PY) bench/soak.py
