@@ -20,7 +20,7 @@ from serve.batch import (
 from serve.batch import run_batch as batch_run
 from serve.config import ServeConfig, build_config, load_config, load_server_settings
 from serve.cores import available_cores
-from serve.errors import CheckpointError, InvalidRequestError, ServeError
+from serve.errors import CheckpointError, ConfigError, InvalidRequestError, ServeError
 from serve.extras import require
 from serve.formats.entry import suggest_entry
 from serve.formats.packaged import describe
@@ -365,6 +365,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - {m.name for m in config.models})
     if unknown:
         raise InvalidRequestError(f"no model {unknown[0]!r} in the config (it has {[m.name for m in config.models]})")
+    for m in config.models:  # what the config refuses with precision int8 (model_copy below doesn't validate)
+        refusal = TASKS[m.task].int8_refusal or (
+            "precision int8 runs on ONNX Runtime: set runtime auto or onnxruntime, not eager" if m.runtime == "eager" else None)
+        if m.name in names and refusal:
+            raise ConfigError(f"model '{m.name}': {refusal}")
     models = tuple(m.model_copy(update={"precision": "int8", "load": "eager", "versions": tuple(
         v.model_copy(update={"precision": None}) for v in m.versions)}) if m.name in names else m
         for m in config.models)

@@ -279,8 +279,9 @@ class ServerSettings(_Frozen):
     workers: int | None = Field(None, gt=0, description="default: one per core (CPU), one per GPU (CUDA)")
     threads: int = Field(128, gt=0, description="request threads per worker; keep above max_queue so overload is shed")
     inference_nice: int = Field(
-        10, ge=0, le=19, description="the nice value of each worker's inference thread (and its ONNX Runtime "
-        "threads), above the request threads': on busy cores, refusals and decodes run first; 0: the same")
+        10, ge=0, le=19, description="added to the nice value of each worker's inference and loader threads (and "
+        "their ONNX Runtime threads), above the request threads' (at most 19): on busy cores, refusals and decodes "
+        "run first; 0: the same")
     timeout_s: int = Field(120, gt=0)
     graceful_timeout_s: int = Field(30, gt=0)
     preload: bool | None = None

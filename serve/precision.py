@@ -30,6 +30,7 @@ from serve.runtimes.onnx.export import KEY_PROP, with_metadata
 from serve.runtimes.onnx.isolate import run_in_child
 from serve.runtimes.onnx.layout import unflatten
 from serve.runtimes.onnx.quantize import Recipe, quantize, time_pair
+from serve.runtimes.onnx.reasons import first_line
 from serve.sources.cache import file_sha256
 from serve.tasks.base import Prepared, Task
 
@@ -247,7 +248,7 @@ def try_recipe(spec: ModelSpec, task: Task, fp32: OnnxRuntime, checkpoint_sha256
         return head + outputs[0] + outputs[1]
 
     try:
-        answer = run_in_child(work) if "onnxruntime" not in sys.modules else work()
+        answer = run_in_child(work) if "onnxruntime" not in sys.modules else _in_process(work)
     except ExportError as exc:
         return Decision(None, f"int8 quantisation failed: {exc.message}", figures), False
     model = answer[0][0].tobytes()
@@ -298,3 +299,18 @@ def _split(task: Task, layout: dict, runs: list[list[np.ndarray]], batches: list
     for arrays, batch in zip(runs, batches):
         outputs += task.split(unflatten(layout, [torch.from_numpy(a) for a in arrays]), len(batch))
     return outputs
+
+
+def _in_process(work: Callable[[], Any]) -> Any:
+    """work() in this process (one that runs ONNX Runtime already: a worker loading a lazy model or a new
+    version), any failure an ExportError, as run_in_child reports a child's: fp32 then serves, with the reason.
+
+    Raises:
+        ExportError: quantising or running either model failed.
+    """
+    try:
+        return work()
+    except ExportError:
+        raise
+    except Exception as exc:  # onnx / onnxruntime / the quantiser on the user's model: a reason, never a crash
+        raise ExportError(f"{type(exc).__name__}: {first_line(exc)}") from None

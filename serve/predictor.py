@@ -17,7 +17,7 @@ from serve.memory import PixelBudget, release_after
 from serve.precision import WEAK_GATE, calibration_set, decide_int8
 from serve.preprocess import draft, load_image, open_image, upright_size
 from serve.runtimes import RUNTIMES
-from serve.runtimes.onnx import build_onnx_runtime
+from serve.runtimes.onnx import OnnxRuntime, build_onnx_runtime
 from serve.runtimes.onnx.detection import build_detector_runtime, detector_family
 from serve.tasks import TASKS
 from serve.tasks.base import Prepared, describe_output
@@ -131,7 +131,8 @@ class Predictor:
                     cache_dir=self.onnx_cache_dir, device=self.loaded.device,
                     score_threshold=0.0,  # every detection must agree, not only those above a threshold
                     cache_key_parts={"sha256": self.loaded.sha256, "architecture": spec.architecture,
-                                     "kwargs": spec.kwargs, "task": spec.task,
+                                     "kwargs": spec.kwargs, "task": spec.task, "weights": spec.weights,
+                                     "state_dict_key": spec.state_dict_key, "strip_prefix": spec.strip_prefix,
                                      "task_options": self.task.options.model_dump()})
             except ExportError as exc:
                 reason = exc.message
@@ -160,6 +161,8 @@ class Predictor:
         spec = self.spec
         if self.loaded.device.type != "cpu":
             self.precision_note = f"int8 runs on the CPU, not on {self.loaded.device}"
+        elif not isinstance(self.runtime, OnnxRuntime):
+            self.precision_note = f"int8 is made from a whole-model ONNX export; {self.runtime.name} is not one"
         else:
             try:
                 images = calibration_set(spec, self.task, self.preprocess)
@@ -224,7 +227,8 @@ class Predictor:
         """Whether torch runs this CPU batch on one thread: a batch too small for a second thread to pay
         for OpenMP's spin-waiting (serve/cores.py), or any batch another runtime forwards. ONNX Runtime
         has its own thread pool, and torch's part (normalizing, softmax) is too small to gain from a
-        second thread (docs/performance.md)."""
+        second thread (docs/performance.md); a split detector's eager part (RoIAlign, NMS, the transform)
+        is larger, and runs on one torch thread too, beside ONNX Runtime's pool."""
         if self.runtime is not self.eager:
             return True
         return self.forward_ms is not None and self.forward_ms * batch_size < SMALL_FORWARD_MS

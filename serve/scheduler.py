@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def lower_priority(nice: int) -> None:
-    """Give the calling thread this nice value, and so every thread it starts later (ONNX Runtime's
-    intra-op pool, made with its session on the inference thread).
+    """Lower the calling thread's priority by `nice` (from the process's own, at most 19), and so that of
+    every thread it starts later (ONNX Runtime's intra-op pool, made with its session on the inference
+    thread, or on the loader thread for a lazy model).
 
     Why: on busy cores the request threads then run before the forwards. A refusal's few
     milliseconds of work, or the decode that lets an admitted image join the next batch, no longer
@@ -38,7 +39,8 @@ def lower_priority(nice: int) -> None:
     """
     if sys.platform == "linux":
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            base = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's: the process's own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, base + nice))
         except OSError as exc:  # a seccomp profile that forbids it: serve at the same priority
             log.warning("inference thread priority not lowered (nice %d): %s", nice, exc)
 
@@ -101,9 +103,16 @@ class Scheduler:
         load doesn't hold up the batches of those loaded. torch runs single-threaded there (thread
         counts are per thread), so no second OpenMP thread team is ever made (serve/batching.py)."""
         if self._loader_pid != os.getpid():  # made in the process that loads: threads don't survive fork
-            self._loader = ThreadPoolExecutor(1, "loader", initializer=torch.set_num_threads, initargs=(1,))
+            self._loader = ThreadPoolExecutor(1, "loader", initializer=self._loader_thread)
             self._loader_pid = os.getpid()
         return self._loader.submit(fn, *args)
+
+    def _loader_thread(self) -> None:
+        """The loader thread's set-up: torch on one thread, and the inference thread's priority (the ONNX
+        Runtime sessions a lazy model's warm-up makes here start their threads at it)."""
+        torch.set_num_threads(1)
+        if self.settings.inference_nice:
+            lower_priority(self.settings.inference_nice)
 
     def _between_batches(self, fn: Callable[..., Any], args: tuple) -> Any:
         self._backlog = False

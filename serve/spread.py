@@ -63,10 +63,15 @@ class SpreadThreadWorker(ThreadWorker):
     slot: int = 0
 
     def init_process(self) -> None:
-        self.counts.join(self.slot)
         self._gave_way = self._pending = False
         self._waiting_since: float | None = None  # since when a connection this worker gave way to is waiting
-        super().init_process()
+        super().init_process()  # loads the app, runs post_worker_init, then run()
+
+    def run(self) -> None:
+        # Live only once booted: a worker still warming up (a respawn) isn't counted with 0 connections,
+        # which would make every peer give way to it.
+        self.counts.join(self.slot)
+        super().run()
 
     def accept(self, listener) -> None:
         self._pending = True

@@ -198,6 +198,20 @@ def test_quantize_and_check_commands(tmp_path, capsys):
     assert main(["quantize", "--config", str(hostile), "--model", "nope"]) == 1
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"runtime": "eager"}, "model 'tiny': precision int8 runs on ONNX Runtime: set runtime auto or onnxruntime"),
+    ({"task": "detect"}, "model 'tiny': precision int8 is not offered for task detect"),
+])
+def test_quantize_refuses_what_the_config_refuses(tmp_path, capsys, overrides, message):
+    """quantize sets precision int8 over an fp32 entry: the config's int8 refusals still hold, as an error line
+    (exit 1), not a traceback, before anything is loaded."""
+    config = write_config(tmp_path, [int8_spec(tmp_path, precision="fp32", **overrides)],
+                          onnx_cache_dir=str(tmp_path / "cache"))
+    assert main(["quantize", "--config", str(config)]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def probs(*rows) -> list[torch.Tensor]:
     return [torch.tensor(r, dtype=torch.float32) for r in rows]
 

@@ -251,7 +251,7 @@ def build_detector_runtime(module: nn.Module, sample: torch.Tensor, *, cache_key
         raise ExportError(f"split detectors run on ONNX Runtime's CPU provider only, not {device}")
     module.eval()
     stages, samples, levels, head_keys = _stages(module, family, list(sample))
-    parts, started = {}, time.perf_counter()
+    parts = {}
     for name, stage in stages.items():
         parts[name] = build_onnx_runtime(
             stage, samples[name], cache_key_parts={**cache_key_parts, "split": family, "part": name},
