@@ -26,11 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection import FCOS, RetinaNet
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection.roi_heads import keypointrcnn_inference, maskrcnn_inference
-from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from serve.errors import ExportError
 from serve.extras import require
@@ -45,6 +40,12 @@ RESULT_KEYS = ("boxes", "labels", "scores", "masks", "keypoints", "keypoints_sco
 def detector_family(module: nn.Module) -> str | None:
     """Which split a torchvision detector takes: "rcnn" (Faster, Mask, Keypoint R-CNN), "retinanet",
     "fcos", "ssd" (SSD, SSDlite); None for any other module (exported whole, as before)."""
+    if "torchvision.models.detection" not in sys.modules:
+        return None  # no torchvision detector was built in this process: don't pay torchvision.models' import
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.ssd import SSD
+
     for family, cls in (("rcnn", GeneralizedRCNN), ("retinanet", RetinaNet), ("fcos", FCOS), ("ssd", SSD)):
         if isinstance(module, cls):
             return family
@@ -131,6 +132,9 @@ class SplitDetector:
 
     def _rcnn(self, images, features: OrderedDict, heads: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """GeneralizedRCNN's eval forward after the backbone: RegionProposalNetwork then RoIHeads."""
+        from torchvision.models.detection.roi_heads import keypointrcnn_inference, maskrcnn_inference
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+
         rpn, roi = self.module.rpn, self.module.roi_heads
         levels = list(features.values())
         objectness, deltas = heads[: len(levels)], heads[len(levels):]
